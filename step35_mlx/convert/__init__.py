@@ -1,0 +1,1 @@
+"""Download and quantize checkpoints into MLX folders."""

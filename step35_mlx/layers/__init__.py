@@ -1,0 +1,1 @@
+"""Building blocks of the Step 3.5 graph: attention, SwiGLU/MoE feed-forwards, norms, RoPE."""

@@ -1,0 +1,52 @@
+"""Step 3.5 attention: GQA with per-head q/k norm, partial RoPE and a head-wise sigmoid gate.
+
+Full and sliding layers share this module; they differ only in head counts, RoPE
+settings and the cache/mask the model hands in (see ``config.LayerSpec``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..cache import Mask
+from ..config import LayerSpec
+from .norms import ZeroCenteredRMSNorm
+from .rope import RoPE
+
+
+class Attention(nn.Module):
+    def __init__(self, hidden_size: int, spec: LayerSpec, eps: float, gated: bool = True):
+        super().__init__()
+        self.num_heads = spec.num_heads
+        self.num_kv_heads = spec.num_kv_heads
+        self.head_dim = spec.head_dim
+        self.scale = spec.head_dim**-0.5
+        self.q_proj = nn.Linear(hidden_size, spec.num_heads * spec.head_dim, bias=False)
+        self.k_proj = nn.Linear(hidden_size, spec.num_kv_heads * spec.head_dim, bias=False)
+        self.v_proj = nn.Linear(hidden_size, spec.num_kv_heads * spec.head_dim, bias=False)
+        self.o_proj = nn.Linear(spec.num_heads * spec.head_dim, hidden_size, bias=False)
+        self.q_norm = ZeroCenteredRMSNorm(spec.head_dim, eps)
+        self.k_norm = ZeroCenteredRMSNorm(spec.head_dim, eps)
+        self.gated = gated
+        if gated:
+            self.g_proj = nn.Linear(hidden_size, spec.num_heads, bias=False)
+        self.rope = RoPE(spec.rotary_dims, spec.rope_theta, spec.rope_scaling)
+
+    def __call__(self, x: mx.array, mask: Mask = None, cache: Any = None) -> mx.array:
+        B, T, _ = x.shape
+        q = self.q_norm(self.q_proj(x).reshape(B, T, self.num_heads, -1)).transpose(0, 2, 1, 3)
+        k = self.k_norm(self.k_proj(x).reshape(B, T, self.num_kv_heads, -1)).transpose(0, 2, 1, 3)
+        v = self.v_proj(x).reshape(B, T, self.num_kv_heads, -1).transpose(0, 2, 1, 3)
+        offset = cache.offset if cache is not None else 0
+        q = self.rope(q, offset=offset)
+        k = self.rope(k, offset=offset)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        out = out.transpose(0, 2, 1, 3)
+        if self.gated:
+            out = out * mx.sigmoid(self.g_proj(x))[..., None]
+        return self.o_proj(out.reshape(B, T, -1))

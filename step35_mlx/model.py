@@ -1,0 +1,147 @@
+"""The Step 3.5 Flash graph: trunk, LM head and the MTP modules' weights.
+
+Parameter names mirror the Hugging Face checkpoint (``model.layers.N.moe.gate_proj``,
+``model.layers.N.share_expert.*``, ...). The only renames are for the MTP layers,
+which live at ``model.mtp.J`` instead of ``model.layers.{num_hidden_layers + J}``
+(see ``loader.hf_to_internal``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .cache import KVCache, Mask, SlidingKVCache, window_mask
+from .config import LayerSpec, ModelConfig
+from .layers.attention import Attention
+from .layers.mlp import MLP
+from .layers.moe import MoE
+from .layers.norms import ZeroCenteredRMSNorm
+
+DEFAULT_SLACK = 8
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: ``a = x + attn(norm(x))``, ``y = a + ffn(norm(a))``; FFN dense or MoE + shared expert."""
+
+    def __init__(self, config: ModelConfig, spec: LayerSpec):
+        super().__init__()
+        H, eps = config.hidden_size, config.rms_norm_eps
+        self.is_sliding = spec.is_sliding
+        self.is_moe = spec.is_moe
+        self.input_layernorm = ZeroCenteredRMSNorm(H, eps)
+        self.post_attention_layernorm = ZeroCenteredRMSNorm(H, eps)
+        self.self_attn = Attention(H, spec, eps, gated=config.use_head_wise_attn_gate)
+        if spec.is_moe:
+            self.moe = MoE(
+                H, config.moe_intermediate_size, config.moe_num_experts, config.moe_top_k,
+                config.moe_router_scaling_factor, config.norm_expert_weight, spec.swiglu_limit,
+            )
+            self.share_expert = MLP(H, config.share_expert_dim, spec.swiglu_limit_shared)
+        else:
+            self.mlp = MLP(H, config.intermediate_size, spec.swiglu_limit_shared)
+
+    def ffn(self, x: mx.array) -> mx.array:
+        if self.is_moe:
+            return self.moe(x) + self.share_expert(x)
+        return self.mlp(x)
+
+    def __call__(self, x: mx.array, mask: Mask = None, cache: Any = None) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), mask, cache)
+        return h + self.ffn(self.post_attention_layernorm(h))
+
+
+class SharedHead(nn.Module):
+    """An MTP module's own output head (``transformer.shared_head`` in the checkpoint)."""
+
+    def __init__(self, hidden_size: int, vocab_size: int, eps: float):
+        super().__init__()
+        self.norm = ZeroCenteredRMSNorm(hidden_size, eps)
+        self.output = nn.Linear(hidden_size, vocab_size, bias=False)
+
+    def __call__(self, h: mx.array) -> mx.array:
+        return self.output(self.norm(h))
+
+
+class MTPLayer(DecoderLayer):
+    """One multi-token-prediction module: a decoder layer fed by ``eh_proj([enorm(e), hnorm(h)])``."""
+
+    def __init__(self, config: ModelConfig, spec: LayerSpec):
+        super().__init__(config, spec)
+        H, eps = config.hidden_size, config.rms_norm_eps
+        self.enorm = ZeroCenteredRMSNorm(H, eps)
+        self.hnorm = ZeroCenteredRMSNorm(H, eps)
+        self.eh_proj = nn.Linear(2 * H, H, bias=False)
+        self.shared_head = SharedHead(H, config.vocab_size, eps)
+
+
+def _uncached_mask(T: int, window: int | None) -> Mask:
+    if T == 1:
+        return None
+    if window is None or T <= window:
+        return "causal"
+    pos = mx.arange(T)
+    return window_mask(pos, pos, window)
+
+
+class Step35Model(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = [DecoderLayer(config, config.layer(i)) for i in range(config.num_hidden_layers)]
+        self.norm = ZeroCenteredRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mtp = [
+            MTPLayer(config, config.layer(config.num_hidden_layers + j))
+            for j in range(config.num_nextn_predict_layers)
+        ]
+
+
+class Model(nn.Module):
+    """``model(tokens, cache)`` -> logits ``[B, T, V]``; ``forward_hidden`` -> pre-final-norm hidden."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = Step35Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    @property
+    def layers(self) -> list[DecoderLayer]:
+        return self.model.layers
+
+    def make_cache(self, slack: int = DEFAULT_SLACK) -> list[KVCache | SlidingKVCache]:
+        """One cache per trunk layer; sliding rings keep ``window + slack`` slots for exact rollback."""
+        window = self.config.sliding_window
+        return [SlidingKVCache(window, slack) if l.is_sliding else KVCache() for l in self.layers]
+
+    def _masks(self, T: int, cache: list | None) -> tuple[Mask, Mask]:
+        """(full mask, sliding mask), computed once per forward from the first cache of each kind."""
+        kinds = [l.is_sliding for l in self.layers]
+        masks = []
+        for sliding in (False, True):
+            if sliding not in kinds:
+                masks.append(None)
+            elif cache is None:
+                masks.append(_uncached_mask(T, self.config.sliding_window if sliding else None))
+            else:
+                masks.append(cache[kinds.index(sliding)].make_mask(T))
+        return masks[0], masks[1]
+
+    def forward_hidden(self, tokens: mx.array, cache: list | None = None) -> mx.array:
+        """Run the trunk on ``tokens`` ``[B, T]``; returns the hidden state before the final norm."""
+        if cache is not None and len(cache) != len(self.layers):
+            raise ValueError(f"cache has {len(cache)} entries; the model has {len(self.layers)} layers")
+        h = self.model.embed_tokens(tokens)
+        full_mask, sliding_mask = self._masks(tokens.shape[1], cache)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, sliding_mask if layer.is_sliding else full_mask, cache[i] if cache else None)
+        return h
+
+    def logits(self, hidden: mx.array) -> mx.array:
+        """Final norm + LM head on a pre-norm hidden state."""
+        return self.lm_head(self.model.norm(hidden))
+
+    def __call__(self, tokens: mx.array, cache: list | None = None) -> mx.array:
+        return self.logits(self.forward_hidden(tokens, cache))
