@@ -233,11 +233,13 @@ def _moe(cfg: dict, st: dict, W: _Weights, p: str, x: np.ndarray) -> tuple[np.nd
     gate = W[p + "moe.gate_proj.weight"]
     up = W[p + "moe.up_proj.weight"]
     down = W[p + "moe.down_proj.weight"]
+    # Dense over experts (every expert on every row, zero weight when not chosen):
+    # slower, but each row's result is then bit-independent of the other rows.
+    dense_w = np.zeros_like(probs)
+    np.put_along_axis(dense_w, top, w, axis=-1)
     routed = np.zeros_like(x)
-    for e in np.unique(top):
-        rows, slot = np.nonzero(top == e)
-        y = _swiglu(x[rows], gate[e], up[e], down[e], st["limit"])
-        routed[rows] += w[rows, slot][:, None] * y
+    for e in range(E):
+        routed += dense_w[:, e : e + 1] * _swiglu(x, gate[e], up[e], down[e], st["limit"])
     shared = _swiglu(
         x,
         W[p + "share_expert.gate_proj.weight"],
