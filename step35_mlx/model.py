@@ -21,6 +21,16 @@ from .layers.moe import MoE
 from .layers.norms import ZeroCenteredRMSNorm
 
 DEFAULT_SLACK = 8
+MTP_HIDDEN_VARIANTS = ("pre_norm", "post_norm")
+
+
+def _uncached_mask(T: int, window: int | None) -> Mask:
+    if T == 1:
+        return None
+    if window is None or T <= window:
+        return "causal"
+    pos = mx.arange(T)
+    return window_mask(pos, pos, window)
 
 
 class DecoderLayer(nn.Module):
@@ -66,24 +76,28 @@ class SharedHead(nn.Module):
 
 
 class MTPLayer(DecoderLayer):
-    """One multi-token-prediction module: a decoder layer fed by ``eh_proj([enorm(e), hnorm(h)])``."""
+    """MTP module ``depth``: a decoder layer fed by ``eh_proj([enorm(e), hnorm(h)])``, with its own head.
 
-    def __init__(self, config: ModelConfig, spec: LayerSpec):
+    Row t embeds token ``t + depth + 1`` and sits at that token's position, so the
+    attention's RoPE positions are shifted by ``depth + 1`` against the cache offset.
+    """
+
+    def __init__(self, config: ModelConfig, spec: LayerSpec, depth: int):
         super().__init__(config, spec)
         H, eps = config.hidden_size, config.rms_norm_eps
+        self.window = config.sliding_window if spec.is_sliding else None
         self.enorm = ZeroCenteredRMSNorm(H, eps)
         self.hnorm = ZeroCenteredRMSNorm(H, eps)
         self.eh_proj = nn.Linear(2 * H, H, bias=False)
         self.shared_head = SharedHead(H, config.vocab_size, eps)
+        self.self_attn.position_shift = depth + 1
 
-
-def _uncached_mask(T: int, window: int | None) -> Mask:
-    if T == 1:
-        return None
-    if window is None or T <= window:
-        return "causal"
-    pos = mx.arange(T)
-    return window_mask(pos, pos, window)
+    def step(self, embeds: mx.array, hidden: mx.array, cache: Any = None) -> mx.array:
+        """Decoder-layer output (before ``shared_head.norm``) for rows pairing ``embeds`` with ``hidden``."""
+        x = self.eh_proj(mx.concatenate([self.enorm(embeds), self.hnorm(hidden)], axis=-1))
+        T = x.shape[1]
+        mask = cache.make_mask(T) if cache is not None else _uncached_mask(T, self.window)
+        return self(x, mask, cache)
 
 
 class Step35Model(nn.Module):
@@ -93,7 +107,7 @@ class Step35Model(nn.Module):
         self.layers = [DecoderLayer(config, config.layer(i)) for i in range(config.num_hidden_layers)]
         self.norm = ZeroCenteredRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mtp = [
-            MTPLayer(config, config.layer(config.num_hidden_layers + j))
+            MTPLayer(config, config.layer(config.num_hidden_layers + j), depth=j)
             for j in range(config.num_nextn_predict_layers)
         ]
 
@@ -106,6 +120,8 @@ class Model(nn.Module):
         self.config = config
         self.model = Step35Model(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # Which trunk hidden feeds MTP module 0 is disputed between runtimes (spec §9); explicit here.
+        self.mtp_hidden = "pre_norm"
 
     @property
     def layers(self) -> list[DecoderLayer]:
@@ -145,3 +161,47 @@ class Model(nn.Module):
 
     def __call__(self, tokens: mx.array, cache: list | None = None) -> mx.array:
         return self.logits(self.forward_hidden(tokens, cache))
+
+    # ---- multi-token prediction -------------------------------------------------------
+
+    @property
+    def num_mtp(self) -> int:
+        return len(self.model.mtp)
+
+    def make_mtp_cache(self, slack: int = DEFAULT_SLACK) -> list[KVCache | SlidingKVCache]:
+        """One cache per MTP module, by each module's own attention type."""
+        window = self.config.sliding_window
+        return [SlidingKVCache(window, slack) if m.is_sliding else KVCache() for m in self.model.mtp]
+
+    def mtp_input(self, hidden: mx.array) -> mx.array:
+        """The trunk hidden that feeds MTP module 0, per ``mtp_hidden`` ("pre_norm" or "post_norm")."""
+        if self.mtp_hidden not in MTP_HIDDEN_VARIANTS:
+            raise ValueError(f"mtp_hidden must be one of {MTP_HIDDEN_VARIANTS}, got {self.mtp_hidden!r}")
+        return self.model.norm(hidden) if self.mtp_hidden == "post_norm" else hidden
+
+    def mtp_step(self, depth: int, tokens: mx.array, prev: mx.array, cache: Any = None) -> mx.array:
+        """Module ``depth`` on rows pairing ``tokens`` (the tokens it embeds) with the previous stage's rows."""
+        layer = self.model.mtp[depth]
+        return layer.step(self.model.embed_tokens(tokens), prev, cache)
+
+    def mtp_head(self, depth: int, z: mx.array) -> mx.array:
+        return self.model.mtp[depth].shared_head(z)
+
+    def mtp_logits(self, tokens: mx.array, hidden: mx.array) -> list[mx.array]:
+        """Teacher-forced logits of every MTP module, ``[B, T - k - 1, V]`` for module k.
+
+        Module k at row t takes ``embed(tokens[t + k + 1])`` and the previous stage's row t
+        (``mtp_input(hidden)`` for k = 0, module k - 1's output for k > 0) and predicts
+        token ``t + k + 2``.
+        """
+        prev = self.mtp_input(hidden)
+        out = []
+        T = tokens.shape[1]
+        for k in range(self.num_mtp):
+            n = T - k - 1
+            if n <= 0:
+                out.append(mx.zeros((tokens.shape[0], 0, self.config.vocab_size)))
+                continue
+            prev = self.mtp_step(k, tokens[:, k + 1 : k + 1 + n], prev[:, :n])
+            out.append(self.mtp_head(k, prev))
+        return out

@@ -34,13 +34,16 @@ class Attention(nn.Module):
         if gated:
             self.g_proj = nn.Linear(hidden_size, spec.num_heads, bias=False)
         self.rope = RoPE(spec.rotary_dims, spec.rope_theta, spec.rope_scaling)
+        # Absolute position of the first row, minus the cache offset. MTP module k sets k + 1:
+        # its row t embeds token t + k + 1 and sits at that token's position.
+        self.position_shift = 0
 
     def __call__(self, x: mx.array, mask: Mask = None, cache: Any = None) -> mx.array:
         B, T, _ = x.shape
         q = self.q_norm(self.q_proj(x).reshape(B, T, self.num_heads, -1)).transpose(0, 2, 1, 3)
         k = self.k_norm(self.k_proj(x).reshape(B, T, self.num_kv_heads, -1)).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(B, T, self.num_kv_heads, -1).transpose(0, 2, 1, 3)
-        offset = cache.offset if cache is not None else 0
+        offset = (cache.offset if cache is not None else 0) + self.position_shift
         q = self.rope(q, offset=offset)
         k = self.rope(k, offset=offset)
         if cache is not None:
