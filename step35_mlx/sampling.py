@@ -57,7 +57,7 @@ def probs(logits: mx.array, params: SamplingParams) -> mx.array:
     if params.top_p < 1.0:
         desc = -mx.sort(-lp, axis=-1)
         p_desc = mx.exp(desc)
-        before = mx.cumsum(p_desc, axis=-1) - p_desc  # mass strictly above each sorted entry
+        before = mx.cumsum(p_desc, axis=-1, inclusive=False)  # mass strictly above each sorted entry
         kept = mx.where(before < params.top_p, desc, mx.array(math.inf, mx.float32))
         threshold = mx.min(kept, axis=-1, keepdims=True)
         lp = mx.where(lp >= threshold, lp, neg_inf)
