@@ -64,7 +64,7 @@ def test_top_p_keeps_ties_and_the_crossing_token():
     p = np.array(probs(logits, SamplingParams(temperature=1.0, top_p=0.5)))
     # 0.4 < 0.5, so the next token crosses the threshold; its tie comes along
     assert (p > 0).all()
-    p = np.array(probs(logits, SamplingParams(temperature=1.0, top_p=0.4)))
+    p = np.array(probs(logits, SamplingParams(temperature=1.0, top_p=0.35)))
     assert (p > 0).tolist() == [True, False, False]
 
 
