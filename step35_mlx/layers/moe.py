@@ -86,6 +86,8 @@ class MoE(nn.Module):
         self.gate_proj = SwitchLinear(hidden_size, intermediate_size, num_experts)
         self.up_proj = SwitchLinear(hidden_size, intermediate_size, num_experts)
         self.down_proj = SwitchLinear(intermediate_size, hidden_size, num_experts)
+        # Optional callback given each forward's selected expert ids (see costs.RoutingRecorder).
+        self.observer = None
 
     def route(self, x: mx.array) -> tuple[mx.array, mx.array]:
         """Top-k expert ids by biased sigmoid score, and their unbiased, renormalised, scaled weights (float32)."""
@@ -113,5 +115,7 @@ class MoE(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         idx, w = self.route(x)
+        if self.observer is not None:
+            self.observer(idx)
         y = self.experts(x, idx)
         return (y * w[..., None]).sum(axis=-2).astype(x.dtype)
