@@ -9,6 +9,11 @@ computed from positions and never depend on what a stale slot holds.
 Protocol used by the attention layers:
 ``make_mask(T)`` (before the update) gives the mask for the key layout that
 ``update_and_fetch(keys, values)`` will return for ``T`` new tokens.
+
+With ``bits`` set, keys and values are stored quantized (``mx.quantize`` along the
+head dim, affine, ``group_size``) and returned as ``(packed, scales, biases)`` tuples,
+which the attention layer multiplies with ``mx.quantized_matmul``. Ring bookkeeping,
+masks and rollback are the same for both storage forms.
 """
 
 from __future__ import annotations
@@ -18,6 +23,59 @@ from typing import Union
 import mlx.core as mx
 
 Mask = Union[None, str, mx.array]
+Stored = Union[mx.array, tuple]  # a float array, or (packed, scales, biases) when quantized
+
+
+def _parts(x: Stored) -> tuple:
+    return x if isinstance(x, tuple) else (x,)
+
+
+def _pack(parts: tuple, like: Stored) -> Stored:
+    return tuple(parts) if isinstance(like, tuple) else parts[0]
+
+
+def _slice(x: Stored, start: int | None, stop: int | None) -> Stored:
+    """Positions [start, stop) along the sequence axis (2) of every part."""
+    return _pack(tuple(a[..., start:stop, :] for a in _parts(x)), x)
+
+
+def _concat(xs: list[Stored]) -> Stored:
+    parts = list(zip(*(_parts(x) for x in xs)))
+    return _pack(tuple(mx.concatenate(list(p), axis=2) for p in parts), xs[0])
+
+
+def _assign(buf: Stored, start: int, stop: int, x: Stored) -> None:
+    for b, a in zip(_parts(buf), _parts(x)):
+        b[..., start:stop, :] = a
+
+
+def _zeros_like_len(x: Stored, length: int) -> Stored:
+    return _pack(tuple(mx.zeros((*a.shape[:2], length, a.shape[3]), a.dtype) for a in _parts(x)), x)
+
+
+def _length(x: Stored) -> int:
+    return _parts(x)[0].shape[2]
+
+
+def _nbytes(x: Stored | None) -> int:
+    return 0 if x is None else sum(a.nbytes for a in _parts(x))
+
+
+class _Quantizer:
+    """Stores K/V as float (``bits=None``) or quantized along the head dim."""
+
+    def __init__(self, bits: int | None, group_size: int):
+        if bits is not None and bits not in (4, 8):
+            raise ValueError(f"kv bits must be 4, 8 or None, got {bits}")
+        self.bits = bits
+        self.group_size = group_size
+
+    def store(self, x: mx.array) -> Stored:
+        if self.bits is None:
+            return x
+        if x.shape[-1] % self.group_size:
+            raise ValueError(f"head dim {x.shape[-1]} is not a multiple of the kv group size {self.group_size}")
+        return tuple(mx.quantize(x, self.group_size, self.bits))
 
 
 def window_mask(q_pos: mx.array, k_pos: mx.array, window: int | None) -> mx.array:
@@ -30,36 +88,35 @@ def window_mask(q_pos: mx.array, k_pos: mx.array, window: int | None) -> mx.arra
     return keep
 
 
-class KVCache:
+class KVCache(_Quantizer):
     """Cache for full-attention layers; grows in steps of ``step`` positions."""
 
     step = 256
 
-    def __init__(self) -> None:
-        self.keys: mx.array | None = None
-        self.values: mx.array | None = None
+    def __init__(self, bits: int | None = None, group_size: int = 64) -> None:
+        super().__init__(bits, group_size)
+        self.keys: Stored | None = None
+        self.values: Stored | None = None
         self.offset = 0
 
     def make_mask(self, T: int) -> Mask:
         return None if T == 1 else "causal"
 
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        B, H, T, D = keys.shape
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[Stored, Stored]:
+        keys, values = self.store(keys), self.store(values)
+        T = _length(keys)
         end = self.offset + T
-        if self.keys is None or end > self.keys.shape[2]:
+        if self.keys is None or end > _length(self.keys):
             grow = ((end + self.step - 1) // self.step) * self.step
-            shape_k = (B, H, grow, D)
-            shape_v = (B, H, grow, values.shape[3])
-            new_k = mx.zeros(shape_k, keys.dtype)
-            new_v = mx.zeros(shape_v, values.dtype)
+            new_k, new_v = _zeros_like_len(keys, grow), _zeros_like_len(values, grow)
             if self.keys is not None and self.offset > 0:
-                new_k[..., : self.offset, :] = self.keys[..., : self.offset, :]
-                new_v[..., : self.offset, :] = self.values[..., : self.offset, :]
+                _assign(new_k, 0, self.offset, _slice(self.keys, 0, self.offset))
+                _assign(new_v, 0, self.offset, _slice(self.values, 0, self.offset))
             self.keys, self.values = new_k, new_v
-        self.keys[..., self.offset : end, :] = keys
-        self.values[..., self.offset : end, :] = values
+        _assign(self.keys, self.offset, end, keys)
+        _assign(self.values, self.offset, end, values)
         self.offset = end
-        return self.keys[..., :end, :], self.values[..., :end, :]
+        return _slice(self.keys, 0, end), _slice(self.values, 0, end)
 
     def max_trim(self) -> int:
         return self.offset
@@ -73,19 +130,18 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        if self.keys is None:
-            return 0
-        return self.keys.nbytes + self.values.nbytes
+        return _nbytes(self.keys) + _nbytes(self.values)
 
 
-class SlidingKVCache:
+class SlidingKVCache(_Quantizer):
     """Ring cache for sliding-window layers with ``window + slack`` slots.
 
     ``low`` is the lowest position whose data is still intact; it lets ``trim``
     refuse (rather than silently corrupt) a rollback the ring can no longer undo.
     """
 
-    def __init__(self, window: int, slack: int = 8) -> None:
+    def __init__(self, window: int, slack: int = 8, bits: int | None = None, group_size: int = 64) -> None:
+        super().__init__(bits, group_size)
         if window <= 0 or slack < 0:
             raise ValueError("window must be positive and slack non-negative")
         self.window = window
@@ -118,57 +174,53 @@ class SlidingKVCache:
         q = mx.arange(self.offset, end)
         return window_mask(q, self._layout_positions(T), self.window)
 
-    def _allocate(self, keys: mx.array, values: mx.array) -> None:
-        B, H, _, D = keys.shape
-        self.keys = mx.zeros((B, H, self.capacity, D), keys.dtype)
-        self.values = mx.zeros((B, H, self.capacity, values.shape[3]), values.dtype)
-
-    def _ordered(self, buf: mx.array) -> mx.array:
+    def _ordered(self, buf: Stored) -> Stored:
         """Ring contents in position order: the last min(offset, capacity) positions."""
         C = self.capacity
         if self.offset <= C:
-            return buf[..., : self.offset, :]
+            return _slice(buf, 0, self.offset)
         start = self.offset % C
-        return mx.concatenate([buf[..., start:, :], buf[..., :start, :]], axis=2)
+        return _concat([_slice(buf, start, None), _slice(buf, 0, start)])
 
-    def _write(self, buf: mx.array, x: mx.array) -> None:
+    def _write(self, buf: Stored, x: Stored) -> None:
         C = self.capacity
-        T = x.shape[2]
+        T = _length(x)
         start = self.offset % C
         first = min(T, C - start)
-        buf[..., start : start + first, :] = x[..., :first, :]
+        _assign(buf, start, start + first, _slice(x, 0, first))
         if first < T:
-            buf[..., : T - first, :] = x[..., first:, :]
+            _assign(buf, 0, T - first, _slice(x, first, None))
 
-    def _rebuild(self, full: mx.array, total: int) -> mx.array:
+    def _rebuild(self, full: Stored, total: int) -> Stored:
         """Ring holding the last min(total, capacity) positions of ``full`` at slot = position mod C."""
         C = self.capacity
         if total <= C:
-            tail = full[..., -total:, :]
+            tail = _slice(full, _length(full) - total, None)
             if total == C:
                 return tail
-            pad = mx.zeros((*tail.shape[:2], C - total, tail.shape[3]), tail.dtype)
-            return mx.concatenate([tail, pad], axis=2)
-        tail = full[..., -C:, :]
+            return _concat([tail, _zeros_like_len(tail, C - total)])
+        tail = _slice(full, _length(full) - C, None)
         start = total % C
         if start == 0:
             return tail
-        return mx.concatenate([tail[..., C - start :, :], tail[..., : C - start, :]], axis=2)
+        return _concat([_slice(tail, C - start, None), _slice(tail, 0, C - start)])
 
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        T = keys.shape[2]
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[Stored, Stored]:
+        keys, values = self.store(keys), self.store(values)
+        T = _length(keys)
         end = self.offset + T
         if self.keys is None:
-            self._allocate(keys, values)
+            self.keys = _zeros_like_len(keys, self.capacity)
+            self.values = _zeros_like_len(values, self.capacity)
         if self._in_place(T):
             self._write(self.keys, keys)
             self._write(self.values, values)
             self.offset = end
             self.low = max(self.low, end - self.capacity)
             L = min(end, self.capacity)
-            return self.keys[..., :L, :], self.values[..., :L, :]
-        full_k = mx.concatenate([self._ordered(self.keys), keys], axis=2)
-        full_v = mx.concatenate([self._ordered(self.values), values], axis=2)
+            return _slice(self.keys, 0, L), _slice(self.values, 0, L)
+        full_k = _concat([self._ordered(self.keys), keys])
+        full_v = _concat([self._ordered(self.values), values])
         self.keys = self._rebuild(full_k, end)
         self.values = self._rebuild(full_v, end)
         self.offset = end
@@ -192,6 +244,4 @@ class SlidingKVCache:
 
     @property
     def nbytes(self) -> int:
-        if self.keys is None:
-            return 0
-        return self.keys.nbytes + self.values.nbytes
+        return _nbytes(self.keys) + _nbytes(self.values)

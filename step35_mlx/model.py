@@ -127,10 +127,20 @@ class Model(nn.Module):
     def layers(self) -> list[DecoderLayer]:
         return self.model.layers
 
-    def make_cache(self, slack: int = DEFAULT_SLACK) -> list[KVCache | SlidingKVCache]:
-        """One cache per trunk layer; sliding rings keep ``window + slack`` slots for exact rollback."""
+    def make_cache(self, slack: int = DEFAULT_SLACK, kv_bits: int | None = None,
+                   kv_group_size: int = 64) -> list[KVCache | SlidingKVCache]:
+        """One cache per trunk layer; sliding rings keep ``window + slack`` slots for exact rollback.
+
+        ``kv_bits`` (4 or 8) stores keys and values quantized, full and sliding layers alike.
+        """
+        return self._caches(self.layers, slack, kv_bits, kv_group_size)
+
+    def _caches(self, layers, slack, kv_bits, kv_group_size):
         window = self.config.sliding_window
-        return [SlidingKVCache(window, slack) if l.is_sliding else KVCache() for l in self.layers]
+        return [
+            SlidingKVCache(window, slack, kv_bits, kv_group_size) if l.is_sliding else KVCache(kv_bits, kv_group_size)
+            for l in layers
+        ]
 
     def _masks(self, T: int, cache: list | None) -> tuple[Mask, Mask]:
         """(full mask, sliding mask), computed once per forward from the first cache of each kind."""
@@ -168,10 +178,10 @@ class Model(nn.Module):
     def num_mtp(self) -> int:
         return len(self.model.mtp)
 
-    def make_mtp_cache(self, slack: int = DEFAULT_SLACK) -> list[KVCache | SlidingKVCache]:
+    def make_mtp_cache(self, slack: int = DEFAULT_SLACK, kv_bits: int | None = None,
+                       kv_group_size: int = 64) -> list[KVCache | SlidingKVCache]:
         """One cache per MTP module, by each module's own attention type."""
-        window = self.config.sliding_window
-        return [SlidingKVCache(window, slack) if m.is_sliding else KVCache() for m in self.model.mtp]
+        return self._caches(self.model.mtp, slack, kv_bits, kv_group_size)
 
     def mtp_input(self, hidden: mx.array) -> mx.array:
         """The trunk hidden that feeds MTP module 0, per ``mtp_hidden`` ("pre_norm" or "post_norm")."""

@@ -137,3 +137,70 @@ def test_batched_cache_matches_per_row(model):
     for b in range(2):
         ref = model(toks[b : b + 1])[:, T - 4 :]
         assert rel_err(out[b : b + 1], ref) <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def model64(tmp_path_factory):
+    """head_dim 64 so the KV cache can be quantized with group size 64."""
+    from step35_mlx.synthetic import write_hf_checkpoint
+
+    cfg = tiny_config(num_layers=4, full_layers={0, 3}, sliding_window=WINDOW, head_dim=64, hidden_size=128)
+    path = tmp_path_factory.mktemp("kvq") / "ckpt"
+    write_hf_checkpoint(path, cfg, seed=1)
+    return load_model(path, dtype=mx.float32)
+
+
+@pytest.mark.parametrize("bits, tol", [(8, 2e-2), (4, 0.6)])
+def test_quantized_kv_cache_tracks_float_and_chunks_exactly(model64, bits, tol):
+    m = model64
+    T = 6 * WINDOW + 3
+    toks = tokens_for(m.config.vocab_size, T, seed=8)
+    full = m(toks)
+    outs = []
+    for chunk in (1, 5, T):
+        cache = m.make_cache(kv_bits=bits)
+        outs.append(mx.concatenate([m(toks[:, s : s + chunk], cache=cache) for s in range(0, T, chunk)], axis=1))
+        assert isinstance(cache[0].keys, tuple) and isinstance(cache[1].keys, tuple)
+    # The quantized cache is a lossy but close approximation. Chunking only reorders float
+    # rounding, which can flip a quantization code downstream: bounded by a small fraction
+    # of the quantization error itself, not by 1e-5.
+    q_err = rel_err(outs[0], full)
+    assert 0 < q_err <= tol
+    assert rel_err(outs[1], outs[0]) <= 0.05 * q_err and rel_err(outs[2], outs[0]) <= 0.05 * q_err
+
+
+def test_quantized_kv_cache_rolls_back_exactly(model64):
+    """Speculative-style writes and trims with a 8-bit cache equal plain 8-bit cached decoding."""
+    m = model64
+    T = 8 * WINDOW
+    toks = tokens_for(m.config.vocab_size, T, seed=9)
+    ref_cache = m.make_cache(kv_bits=8)
+    ref = np.array(mx.concatenate([m(toks[:, t : t + 1], cache=ref_cache) for t in range(T)], axis=1))
+    rng = np.random.RandomState(1)
+    cache = m.make_cache(kv_bits=8, slack=3)
+    got, pos = {}, 0
+    while pos < T:
+        n = min(int(rng.randint(1, 5)), T - pos)
+        out = np.array(m(toks[:, pos : pos + n], cache=cache))
+        keep = int(rng.randint(1, n + 1))
+        for c in cache:
+            c.trim(n - keep)
+        for i in range(keep):
+            got[pos + i] = out[0, i]
+        pos += keep
+    assert rel_err(np.stack([got[r] for r in range(T)]), ref[0]) <= 1e-5
+
+
+def test_quantized_kv_memory_and_bad_settings(model64):
+    m = model64
+    toks = tokens_for(m.config.vocab_size, 40, seed=2)
+    sizes = {}
+    for bits in (None, 8, 4):
+        cache = m.make_cache(kv_bits=bits)
+        m(toks, cache=cache)
+        sizes[bits] = sum(c.nbytes for c in cache)
+    # float32 activations: 8-bit stores (8 + 2*32/64) / 32 of the bytes, 4-bit (4 + 1) / 32
+    assert sizes[8] / sizes[None] == pytest.approx(9 / 32)
+    assert sizes[4] / sizes[None] == pytest.approx(5 / 32)
+    with pytest.raises(ValueError, match="kv bits"):
+        m.make_cache(kv_bits=3)

@@ -17,6 +17,24 @@ from .norms import ZeroCenteredRMSNorm
 from .rope import RoPE
 
 
+def quantized_sdpa(q: mx.array, k: tuple, v: tuple, scale: float, mask: Mask, group_size: int, bits: int) -> mx.array:
+    """Attention over a quantized KV cache (``(packed, scales, biases)`` keys/values), GQA-aware."""
+    B, Hq, T, D = q.shape
+    Hkv = k[0].shape[1]
+    L = k[0].shape[2]
+    q = (q * scale).reshape(B, Hkv, Hq // Hkv, T, D)
+    kq = [a[:, :, None] for a in k]
+    vq = [a[:, :, None] for a in v]
+    scores = mx.quantized_matmul(q, *kq, transpose=True, group_size=group_size, bits=bits)
+    if isinstance(mask, str):
+        mask = mx.arange(L)[None, :] <= mx.arange(L - T, L)[:, None]
+    if mask is not None:
+        scores = mx.where(mask, scores, mx.array(-mx.inf, scores.dtype))
+    weights = mx.softmax(scores.astype(mx.float32), axis=-1).astype(q.dtype)
+    out = mx.quantized_matmul(weights, *vq, transpose=False, group_size=group_size, bits=bits)
+    return out.reshape(B, Hq, T, D)
+
+
 class Attention(nn.Module):
     def __init__(self, hidden_size: int, spec: LayerSpec, eps: float, gated: bool = True):
         super().__init__()
@@ -48,7 +66,10 @@ class Attention(nn.Module):
         k = self.rope(k, offset=offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        if isinstance(k, tuple):
+            out = quantized_sdpa(q, k, v, self.scale, mask, cache.group_size, cache.bits)
+        else:
+            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         out = out.transpose(0, 2, 1, 3)
         if self.gated:
             out = out * mx.sigmoid(self.g_proj(x))[..., None]
