@@ -49,3 +49,13 @@ def info(model: str = typer.Argument(..., help="Checkpoint folder (Hugging Face 
         f"{len(cfg.moe_layers)} MoE layers ({cfg.moe_num_experts} experts, top-{cfg.moe_top_k}), "
         f"{cfg.num_nextn_predict_layers} MTP layers, vocab {cfg.vocab_size}"
     )
+
+
+def _register_convert_commands() -> None:
+    from .convert.commands import register
+
+    register(app)
+
+
+_register_convert_commands()
+
