@@ -193,21 +193,27 @@ def speculative_tokens(
     *,
     depth: int,
     key: mx.array | None = None,
-    logits_processors: Sequence[LogitsProcessor] = (),
+    logits_processors: Sequence[LogitsProcessor] | None = (),
     prefill_step: int = 512,
+    on_prefilled: Callable[[], None] | None = None,
     stats: SpecStats | None = None,
     history: Sequence[int] | None = None,
     drafter: MTPDrafter | None = None,
 ) -> Iterator[int]:
     """Yield generated token ids, verifying ``depth`` MTP drafts per trunk forward.
 
-    Same protocol as plain decoding: ``prompt`` (1-D) is prefilled into ``cache``, whose
-    earlier contents are ``history[:-len(prompt)]`` (default: none). Pass the ``drafter`` of
-    the previous call to keep the MTP caches across turns; one that does not line up with
-    the cache is restarted at the prompt. When the consumer stops, the trunk cache (and the
-    drafter) are rolled back to hold every yielded token except the last one.
+    Same protocol as plain decoding (``generate.ar_tokens``): ``prompt`` (1-D) is prefilled
+    into ``cache``, whose earlier contents are ``history[:-len(prompt)]`` (default: none);
+    ``on_prefilled`` runs once the prompt is in the cache. When the consumer stops, the
+    cache holds the prompt and exactly the tokens yielded (rows verified past the last
+    yielded token are trimmed; a last token not yet verified is fed). Pass the ``drafter``
+    of the previous call to keep the MTP caches across turns; one that does not line up
+    with the cache is restarted at the prompt (only the first drafts' acceptance suffers).
     """
-    key = key if key is not None else mx.random.key(0)
+    if key is None:
+        key = mx.random.key(int(mx.random.randint(0, 2**31 - 1, ()).item()))
+    processors = list(logits_processors or ())
+    prompt = prompt.reshape(-1)
     prompt_ids = [int(t) for t in prompt.tolist()]
     tokens = [int(t) for t in history] if history is not None else list(prompt_ids)
     if tokens[len(tokens) - len(prompt_ids):] != prompt_ids:
@@ -223,17 +229,19 @@ def speculative_tokens(
         drafter.add_hidden(hidden)
         drafter.absorb(tokens)
         mx.eval(hidden)
+    if on_prefilled is not None:
+        on_prefilled()
     key, sub = mx.random.split(key)
-    first = _target_probs(model.logits(hidden[:, -1:])[0], tokens, [], params, logits_processors)[0]
+    first = _target_probs(model.logits(hidden[:, -1:])[0], tokens, [], params, processors)[0]
     tokens.append(int(mx.argmax(first).item()) if params.greedy else int(sample(first, key=sub).item()))
-    ahead = 0  # trunk rows in the cache (and drafter) for tokens not yet yielded
+    extra, last_in_cache = 0, False  # cache rows past the last yielded token; is that token's row cached?
     try:
         yield tokens[-1]
         while True:
             key, k_draft, k_verify = mx.random.split(key, 3)
-            drafts, qs = drafter.propose(tokens, params, k_draft, logits_processors)
+            drafts, qs = drafter.propose(tokens, params, k_draft, processors)
             hidden = model.forward_hidden(mx.array([[tokens[-1]] + drafts]), cache)
-            p = _target_probs(model.logits(hidden)[0], tokens, drafts, params, logits_processors)
+            p = _target_probs(model.logits(hidden)[0], tokens, drafts, params, processors)
             n, nxt = accept_drafts(p, mx.stack(qs), drafts, k_verify)
             for c in cache:
                 c.trim(len(drafts) - n)
@@ -242,11 +250,12 @@ def speculative_tokens(
                 stats.record(n, len(drafts))
             for i, t in enumerate(drafts[:n] + [nxt]):
                 tokens.append(t)
-                ahead = n - i
+                extra, last_in_cache = (n - i - 1, True) if i < n else (0, False)
                 yield t
-            ahead = 0
     finally:
-        if ahead:
+        if extra:
             for c in cache:
-                c.trim(ahead)
-            drafter.drop_rows(ahead)
+                c.trim(extra)
+            drafter.drop_rows(extra)
+        if not last_in_cache:
+            drafter.add_hidden(model.forward_hidden(mx.array([[tokens[-1]]]), cache))

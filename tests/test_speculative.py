@@ -83,7 +83,7 @@ def test_greedy_mtp_equals_greedy_ar(small_vocab, depth):
     assert stats.tokens_per_verify > 1.2
     if depth > 1:
         assert 0.1 < stats.acceptance[1] < 0.9
-    assert cache[0].offset == len(prompt) + n - 1  # closing the generator rolled back the extra rows
+    assert cache[0].offset == len(prompt) + n  # on close the cache holds exactly the yielded tokens
 
 
 def test_accept_drafts_is_exact_oracle():
@@ -161,9 +161,15 @@ def test_mtp_caches_track_committed_rows(small_vocab):
     gen.close()
     history = prompt.tolist() + out
     # module k holds exactly the committed rows r with r + k + 1 <= len(history) - 1 ... minus the pending token
-    n = drafter.rows
-    assert n <= len(history) - 1
+    assert drafter.rows == len(history) == cache[0].offset
     for k in range(3):
-        assert drafter.done[k] <= n
+        assert drafter.done[k] <= drafter.rows
         assert drafter.caches[k].offset == drafter.done[k]
-    assert cache[0].offset == len(history) - 1
+    # a follow-up call continues from the same drafter and cache, exactly like one long greedy run
+    more = mx.array([2, 1])
+    gen = speculative_tokens(model, cache, more, SamplingParams(temperature=0), depth=3, drafter=drafter,
+                             history=history + more.tolist())
+    cont = [next(gen) for _ in range(30)]
+    gen.close()
+    ref = _ar_greedy(model, mx.array(history + more.tolist()), 30)
+    assert cont == ref
