@@ -1,0 +1,133 @@
+"""Measure plain vs MTP decoding on this machine and remember the fastest per model.
+
+The best draft depth depends on the chip (bandwidth vs compute) and on how well the
+checkpoint's MTP heads agree with the trunk, so it is measured, not assumed. The
+choice is stored in ``~/.cache/step35-mlx/tune.json`` keyed by model folder, config
+hash and device, and ``generate``/``chat`` use it when ``--mtp`` is not given.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import mlx.core as mx
+
+from .costs import RoutingRecorder, decode_cost
+from .model import Model
+from .sampling import SamplingParams
+from .speculative import SpecStats, speculative_tokens
+
+TUNE_FILE = Path.home() / ".cache" / "step35-mlx" / "tune.json"
+TUNE_PROMPT = (
+    "<|im_start|>user\nExplain what the `with` statement does in Python, with an example.<|im_end|>\n"
+    "<|im_start|>assistant\n<think>\n"
+)
+
+
+@dataclass
+class TuneResult:
+    depth: int  # 0 = plain decoding
+    tokens_per_s: float
+    bytes_per_token: float
+    tokens_per_verify: float
+    acceptance: list[float]
+
+    @property
+    def mode(self) -> str:
+        return f"mtp d={self.depth}" if self.depth else "plain"
+
+
+def measure_one(model: Model, prompt: Sequence[int], depth: int, n_tokens: int,
+                params: SamplingParams = SamplingParams(temperature=0.0), seed: int = 0) -> tuple[list[int], TuneResult]:
+    """Decode ``n_tokens`` after ``prompt``; returns the tokens and timing, acceptance and bytes read."""
+    from .generate import ar_tokens
+
+    cache = model.make_cache()
+    stats = SpecStats(depth) if depth else None
+    key = mx.random.key(seed)
+    prompt_arr = mx.array(list(prompt), dtype=mx.int32)
+    gen = (speculative_tokens(model, cache, prompt_arr, params, depth=depth, key=key, stats=stats)
+           if depth else ar_tokens(model, cache, prompt_arr, params, key=key))
+    out: list[int] = []
+    with RoutingRecorder(model) as rec:
+        out.append(next(gen))  # prefill and first token: not part of the decode measurement
+        rec.clear()
+        t0 = time.perf_counter()
+        for tok in gen:
+            out.append(tok)
+            if len(out) > n_tokens:
+                break
+        dt = time.perf_counter() - t0
+        forwards = rec.forwards()
+        gen.close()
+        generated = len(out) - 1
+        calls = [stats.verifies] * depth if stats else []
+        cost = decode_cost(model, rec, generated, forwards, calls)
+    return out, TuneResult(
+        depth=depth,
+        tokens_per_s=generated / dt,
+        bytes_per_token=cost.per_token,
+        tokens_per_verify=stats.tokens_per_verify if stats else 1.0,
+        acceptance=stats.acceptance if stats else [],
+    )
+
+
+def measure(model: Model, prompt: Sequence[int], n_tokens: int = 128, depths: Sequence[int] | None = None,
+            repeats: int = 1, params: SamplingParams = SamplingParams(temperature=0.0)) -> list[TuneResult]:
+    """Interleaved runs of every mode (median tokens/s); greedy outputs are checked to agree."""
+    if depths is None:
+        depths = [0] + list(range(1, min(3, model.num_mtp) + 1))
+    runs: dict[int, list[TuneResult]] = {d: [] for d in depths}
+    reference = None
+    for r in range(repeats):
+        for d in depths:
+            out, res = measure_one(model, prompt, d, n_tokens, params, seed=r)
+            reference = reference or out
+            if params.greedy and out != reference:
+                raise RuntimeError(f"MTP depth {d} produced different greedy tokens than plain decoding")
+            runs[d].append(res)
+    results = []
+    for d in depths:
+        ordered = sorted(runs[d], key=lambda x: x.tokens_per_s)
+        results.append(ordered[len(ordered) // 2])
+    return results
+
+
+def best(results: Sequence[TuneResult]) -> TuneResult:
+    return max(results, key=lambda r: r.tokens_per_s)
+
+
+def model_key(path: str | Path) -> str:
+    """Identity of a model on this device: folder, config.json hash, MLX device."""
+    path = Path(path).resolve()
+    digest = hashlib.sha256((path / "config.json").read_bytes()).hexdigest()[:16]
+    return f"{path}|{digest}|{mx.default_device()}"
+
+
+def _read(store: Path) -> dict:
+    try:
+        return json.loads(store.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def save_choice(path: str | Path, result: TuneResult, store: Path = TUNE_FILE) -> None:
+    """Record the winner for this model (atomic write)."""
+    data = _read(store)
+    data[model_key(path)] = {**asdict(result), "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
+    store.parent.mkdir(parents=True, exist_ok=True)
+    tmp = store.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, store)
+
+
+def load_choice(path: str | Path, store: Path = TUNE_FILE) -> int | None:
+    """The tuned draft depth for this model (0 = plain decoding), or None if never tuned here."""
+    entry = _read(store).get(model_key(path))
+    return None if entry is None else int(entry["depth"])

@@ -1,0 +1,49 @@
+"""Tuning: measurement agrees across modes, counts bytes, and the choice round-trips per model."""
+
+import json
+
+import mlx.core as mx
+import pytest
+
+from step35_mlx import load_model
+from step35_mlx.costs import expert_bytes, trunk_fixed_bytes
+from step35_mlx.synthetic import tiny_config, write_hf_checkpoint
+from step35_mlx.tune import TuneResult, best, load_choice, measure, save_choice
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    cfg = tiny_config(num_layers=3, full_layers={0}, moe_layers={1, 2}, sliding_window=5, vocab_size=4,
+                      hidden_size=32, head_dim=8)
+    path = tmp_path_factory.mktemp("tune") / "ckpt"
+    write_hf_checkpoint(path, cfg, seed=6)
+    return path, load_model(path, dtype=mx.float32)
+
+
+def test_measure_reports_every_mode_with_real_costs(tiny):
+    path, model = tiny
+    results = measure(model, [1, 2, 3, 0, 1, 2, 3, 0, 1], n_tokens=40)
+    assert [r.depth for r in results] == [0, 1, 2, 3]
+    plain = results[0]
+    # plain decoding reads the fixed weights plus at most top_k experts per MoE layer per token
+    moes = [l.moe for l in model.layers if l.is_moe]
+    upper = trunk_fixed_bytes(model) + sum(2 * expert_bytes(m) for m in moes)
+    lower = trunk_fixed_bytes(model) + sum(expert_bytes(m) for m in moes)
+    assert lower <= plain.bytes_per_token <= upper
+    assert all(r.tokens_per_s > 0 for r in results)
+    assert any(r.tokens_per_verify > 1.2 for r in results[1:])
+    assert best(results) in results
+
+
+def test_choice_round_trip_is_per_model(tiny, tmp_path):
+    path, _ = tiny
+    store = tmp_path / "tune.json"
+    assert load_choice(path, store) is None
+    save_choice(path, TuneResult(2, 10.0, 1e6, 2.1, [0.7, 0.5]), store)
+    assert load_choice(path, store) == 2
+    # a different config (same folder) is a different model
+    cfg = json.loads((path / "config.json").read_text())
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps(cfg))
+    assert load_choice(other, store) is None
