@@ -59,3 +59,8 @@ def _register_convert_commands() -> None:
 
 _register_convert_commands()
 
+
+from . import chat_cli  # noqa: E402  (commands: chat, generate)
+
+app.command("chat")(chat_cli.chat)
+app.command("generate")(chat_cli.generate)

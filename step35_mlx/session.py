@@ -1,0 +1,433 @@
+"""Multi-turn chat that keeps its KV cache between turns and prefills only new tokens.
+
+Each turn renders the whole conversation with the checkpoint's chat template and
+reuses the longest prefix the cache can provide exactly:
+
+1. the live cache (what the previous turn left), trimmed back to where the new
+   rendering diverges from it; or
+2. the snapshot taken when the prompt of the first reply after the latest user
+   message had been prefilled, trimmed back a few tokens.
+
+(2) exists because of the released template: it drops the reasoning of assistant
+turns that precede the last user message. The previous prompt ended with
+``<|im_start|>assistant\\n<think>\\n`` and the reasoning followed it; the re-rendered
+history continues ``<|im_start|>assistant\\n{answer}`` instead, so the live cache
+diverges right there - and the sliding-window layers can no longer roll back that
+far once the reply is longer than their slack. The snapshot holds the sliding
+layers' rings as they were at the end of that prompt (new arrays; the cache's own
+arrays are updated in place); the full-attention layers need no copy, since their
+cache can be trimmed back to any position. Only when neither source is exact
+(e.g. the system prompt changed) is the whole conversation prefilled again.
+
+The number of tokens prefilled is counted (``last_stats.prefill_tokens``,
+``prefilled_tokens`` over the session) so tests can check the reuse.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import mlx.core as mx
+
+from .cache import SlidingKVCache
+from .generate import GenerationChunk, GenerationStats, Settings, new_cache, resolve_settings, run, token_generator
+from .reasoning import split_reasoning
+from .tool_calls import parse_tool_calls
+
+SESSION_FORMAT = "step35-mlx-session"
+SESSION_VERSION = 1
+_SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+                  "seed", "stop", "prefill_step", "max_context", "mtp", "draft_depth")
+
+
+def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _parts(x: Any) -> tuple:
+    """A cache's stored keys/values as a tuple of arrays (one float array, or packed/scales/biases)."""
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def _copy(x: Any) -> Any:
+    """New array objects with the same contents (the cache updates its own arrays in place)."""
+    parts = tuple(mx.array(a) for a in _parts(x))
+    return parts if isinstance(x, (tuple, list)) else parts[0]
+
+
+@dataclass
+class _RingState:
+    """A sliding layer's ring as it was: new arrays plus the positions it holds."""
+
+    keys: Any  # mx.array, or a (packed, scales, biases) tuple for a quantized cache
+    values: Any
+    offset: int
+    low: int
+
+    @classmethod
+    def take(cls, c: SlidingKVCache) -> "_RingState":
+        return cls(_copy(c.keys), _copy(c.values), c.offset, c.low)
+
+    def put(self, c: SlidingKVCache) -> None:
+        c.keys, c.values = _copy(self.keys), _copy(self.values)
+        c.offset, c.low = self.offset, self.low
+
+    def max_trim(self, c: SlidingKVCache) -> int:
+        probe = SlidingKVCache(c.window, c.slack)
+        probe.offset, probe.low = self.offset, self.low
+        return probe.max_trim()
+
+
+@dataclass
+class _Snapshot:
+    tokens: list[int]
+    rings: dict[int, _RingState]  # layer index -> ring state (sliding layers only)
+
+
+def _model_fingerprint(model: Any) -> str:
+    raw = getattr(model.config, "raw", None) or {}
+    return hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class ChatSession:
+    """A conversation with a model: the messages, and a KV cache that follows them.
+
+    ``ChatSession(model, tokenizer, system=None, tools=None, **defaults)``; defaults are
+    the sampling arguments of :func:`step35_mlx.generate.stream_generate`
+    (``max_tokens``, ``temperature``, ``top_p``, ``top_k``, ``min_p``,
+    ``repetition_penalty``, ``seed``, ``stop``, ``prefill_step``, ``max_context``,
+    ``mtp``, ``draft_depth``, ``generation_config``). ``messages=`` starts from an
+    existing history.
+
+    ``send(text)`` streams the reply as :class:`GenerationChunk` s; ``ask(text)`` returns
+    the answer. Stopping a ``send`` stream early (``close()``, Ctrl-C) keeps the
+    partial reply in the history. ``add_tool_result(name, content)`` then
+    ``respond()`` continues after tool calls.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, system: str | None = None, tools: list[dict] | None = None,
+                 *, messages: list[dict] | None = None, generation_config: dict | None = None,
+                 kv_bits: int | None = None, kv_group_size: int | None = None, **defaults: Any) -> None:
+        unknown = set(defaults) - set(_SAMPLING_KEYS)
+        if unknown:
+            raise TypeError(f"unknown ChatSession setting(s): {', '.join(sorted(unknown))}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.tools = list(tools) if tools else None
+        self.defaults = dict(defaults)
+        self.generation_config = generation_config
+        self.kv_bits, self.kv_group_size = kv_bits, kv_group_size
+        self.messages: list[dict] = [dict(m) for m in (messages or [])]
+        if system is not None:
+            self.set_system(system)
+        self.prefilled_tokens = 0  # tokens run through the model in prefill, over the session
+        self._active: Iterator[GenerationChunk] | None = None  # a reply stream not yet finished
+        self.last_stats: GenerationStats | None = None
+        self.last_reuse: str = "none"  # where the last turn's cached prefix came from
+        self._new_cache()
+        self.settings()  # validate the defaults now
+
+    # ------------------------------------------------------------ state
+
+    def _new_cache(self) -> None:
+        self.cache = new_cache(self.model, self.kv_bits, self.kv_group_size)
+        self.cache_tokens: list[int] = []
+        self._snapshot: _Snapshot | None = None
+
+    @property
+    def system(self) -> str | None:
+        if self.messages and self.messages[0].get("role") == "system":
+            return self.messages[0].get("content")
+        return None
+
+    def set_system(self, text: str | None) -> None:
+        """Set (or with ``None`` remove) the system prompt; the next turn re-prefills from the start."""
+        if self.messages and self.messages[0].get("role") == "system":
+            self.messages.pop(0)
+        if text:
+            self.messages.insert(0, {"role": "system", "content": text})
+
+    def reset(self) -> None:
+        """Forget the conversation (the system prompt stays) and the cache."""
+        self._finish_active()
+        self.messages = [m for m in self.messages[:1] if m.get("role") == "system"]
+        self.last_stats = None
+        self._new_cache()
+
+    def settings(self, **overrides: Any) -> Settings:
+        kw = {**self.defaults, **{k: v for k, v in overrides.items() if v is not None}}
+        return resolve_settings(self.model, self.tokenizer, generation_config=self.generation_config, **kw)
+
+    @property
+    def context_tokens(self) -> int:
+        """Tokens the cache holds now."""
+        return len(self.cache_tokens)
+
+    @property
+    def context_limit(self) -> int:
+        return self.settings().context_limit
+
+    def render(self, messages: list[dict] | None = None) -> list[int]:
+        """Token ids of ``messages`` (default: the history) with the generation prompt."""
+        msgs = self.messages if messages is None else messages
+        return list(self.tokenizer.apply_chat_template(msgs, tools=self.tools, add_generation_prompt=True))
+
+    # ------------------------------------------------------------ turns
+
+    def send(self, text: str, **overrides: Any) -> Iterator[GenerationChunk]:
+        """Add a user message and stream the reply. Raises ``ValueError`` up front if it cannot fit the context."""
+        self._finish_active()
+        return self._turn(self.messages + [{"role": "user", "content": text}], overrides)
+
+    def ask(self, text: str, **overrides: Any) -> str:
+        """``send`` and return the answer (reasoning and tool-call markup excluded)."""
+        for _ in self.send(text, **overrides):
+            pass
+        return self.messages[-1].get("content") or ""
+
+    def respond(self, **overrides: Any) -> Iterator[GenerationChunk]:
+        """Stream a reply to the history as it is (after ``add_tool_result``, or a history ending with a user message)."""
+        self._finish_active()
+        if not self.messages or self.messages[-1].get("role") == "assistant":
+            raise ValueError("nothing to respond to: the history is empty or ends with an assistant message")
+        return self._turn(list(self.messages), overrides)
+
+    def add_tool_result(self, name: str, content: Any) -> None:
+        """Append a tool's result (``content`` that is not a string is JSON-encoded)."""
+        if not isinstance(content, str):
+            content = json.dumps(content, ensure_ascii=False)
+        self.messages.append({"role": "tool", "name": name, "content": content})
+
+    def _turn(self, messages: list[dict], overrides: dict) -> Iterator[GenerationChunk]:
+        settings = self.settings(**overrides)
+        ids = self.render(messages)
+        settings.budget(len(ids))  # ValueError before anything changes
+        token_generator(settings.mtp, settings.draft_depth)  # refuse unsupported modes up front too
+        self.messages = messages
+        first_reply = not any(m.get("role") == "assistant" for m in self._since_last_user())
+        cached = self._reuse(ids)
+
+        def on_prefilled() -> None:
+            # The cache holds exactly `ids`: keep the sliding rings for the next user turn.
+            if first_reply:
+                rings = {i: _RingState.take(c) for i, c in enumerate(self.cache) if isinstance(c, SlidingKVCache)}
+                mx.async_eval([[r.keys, r.values] for r in rings.values()])
+                self._snapshot = _Snapshot(list(ids), rings)
+
+        chunks = run(self.model, self.tokenizer, self.cache, ids, cached, settings,
+                     reasoning=True, tools=self.tools, on_prefilled=on_prefilled)
+        self._active = self._consume(chunks, ids, cached)
+        return self._active
+
+    def _finish_active(self) -> None:
+        """Close a reply stream that was started but not finished (its partial reply is kept)."""
+        active, self._active = self._active, None
+        if active is None:
+            return
+        if inspect.getgeneratorstate(active) == inspect.GEN_CREATED:
+            self._store_reply("", None)  # never started: an empty, interrupted reply keeps the turns paired
+        active.close()
+
+    def _consume(self, chunks: Iterator[GenerationChunk], ids: list[int], cached: int) -> Iterator[GenerationChunk]:
+        generated: list[int] = []
+        raw: list[str] = []
+        finish = None
+        try:
+            for chunk in chunks:
+                generated += chunk.token_ids
+                raw.append(chunk.text)
+                self.last_stats = chunk.stats
+                finish = chunk.finish_reason
+                yield chunk
+        finally:
+            chunks.close()
+            self._active = None
+            self.prefilled_tokens += len(ids) - cached
+            self._settle(ids + generated)
+            self._store_reply("".join(raw), finish)
+
+    def _since_last_user(self) -> list[dict]:
+        for i in range(len(self.messages) - 1, -1, -1):
+            if self.messages[i].get("role") == "user":
+                return self.messages[i + 1:]
+        return self.messages
+
+    def _store_reply(self, text: str, finish: str | None) -> None:
+        reasoning, answer = split_reasoning(text, in_reasoning=True)
+        msg: dict[str, Any] = {"role": "assistant", "content": answer, "reasoning_content": reasoning}
+        if self.tools:
+            answer, calls = parse_tool_calls(answer, self.tools)
+            msg["content"] = answer
+            if calls:
+                msg["tool_calls"] = [c.to_dict() for c in calls]
+        if finish is None:
+            msg["interrupted"] = True
+        self.messages.append(msg)
+
+    # ------------------------------------------------------------ cache reuse
+
+    def _reuse(self, ids: list[int]) -> int:
+        """Put the cache in the state that holds the longest exact prefix of ``ids``; returns its length."""
+        limit = len(ids) - 1  # at least one token must be run to get logits
+        full_layers = [c for c in self.cache if not isinstance(c, SlidingKVCache)]
+        rings = [(i, c) for i, c in enumerate(self.cache) if isinstance(c, SlidingKVCache)]
+
+        best, source = 0, "none"
+        live = min(_lcp(self.cache_tokens, ids), limit)
+        if live and len(self.cache_tokens) - live <= min(c.max_trim() for c in self.cache):
+            best, source = live, "cache"
+        snap = self._snapshot
+        if snap is not None and len(snap.rings) == len(rings):
+            d = min(_lcp(snap.tokens, ids), limit, _lcp(self.cache_tokens, snap.tokens))
+            back = len(snap.tokens) - d
+            ok = all(back <= snap.rings[i].max_trim(c) for i, c in rings)
+            ok = ok and all(len(self.cache_tokens) - d <= c.max_trim() for c in full_layers)
+            if ok and d > best:
+                best, source = d, "snapshot"
+
+        if source == "cache":
+            for c in self.cache:
+                c.trim(len(self.cache_tokens) - best)
+        elif source == "snapshot":
+            for c in full_layers:
+                c.trim(len(self.cache_tokens) - best)
+            for i, c in rings:
+                snap.rings[i].put(c)
+                c.trim(len(snap.tokens) - best)
+        elif self.cache_tokens:
+            self._new_cache()  # nothing reusable: prefill the whole conversation again
+        self.cache_tokens = list(ids[:best])
+        self.last_reuse = source
+        return best
+
+    def _settle(self, tokens: list[int]) -> None:
+        """After a generation (finished or interrupted): make every layer hold the same exact prefix of ``tokens``."""
+        target = min([len(tokens)] + [c.offset for c in self.cache])
+        for c in self.cache:
+            excess = c.offset - target
+            if excess > c.max_trim():
+                self._new_cache()
+                return
+            if excess:
+                c.trim(excess)
+        self.cache_tokens = list(tokens[:target])
+
+    # ------------------------------------------------------------ save / load
+
+    def save(self, path: str | Path) -> Path:
+        """Write the session (messages, settings, cache contents and tokens, snapshot) to one safetensors file."""
+        self._finish_active()
+        path = Path(path)
+        arrays: dict[str, mx.array] = {}
+        layers = []
+        def put(prefix: str, stored: Any, stop: int | None = None) -> None:
+            for j, a in enumerate(_parts(stored)):
+                arrays[f"{prefix}.{j}"] = a if stop is None else a[..., :stop, :]
+
+        for i, c in enumerate(self.cache):
+            sliding = isinstance(c, SlidingKVCache)
+            entry: dict[str, Any] = {"kind": "sliding" if sliding else "full", "offset": c.offset,
+                                     "bits": getattr(c, "bits", None), "group_size": getattr(c, "group_size", 64)}
+            if sliding:
+                entry.update(low=c.low, window=c.window, slack=c.slack, capacity=c.capacity)
+            if c.keys is not None and c.offset > 0:
+                entry["parts"] = len(_parts(c.keys))
+                put(f"cache.{i}.keys", c.keys, None if sliding else c.offset)
+                put(f"cache.{i}.values", c.values, None if sliding else c.offset)
+            layers.append(entry)
+        snap = None
+        if self._snapshot is not None:
+            snap = {"tokens": self._snapshot.tokens,
+                    "rings": {str(i): {"offset": r.offset, "low": r.low, "parts": len(_parts(r.keys))}
+                              for i, r in self._snapshot.rings.items()}}
+            for i, r in self._snapshot.rings.items():
+                put(f"snapshot.{i}.keys", r.keys)
+                put(f"snapshot.{i}.values", r.values)
+        meta = {
+            "format": SESSION_FORMAT, "version": SESSION_VERSION, "model": _model_fingerprint(self.model),
+            "messages": self.messages, "tools": self.tools,
+            "defaults": {k: v for k, v in self.defaults.items()},
+            "cache_tokens": self.cache_tokens, "layers": layers, "snapshot": snap,
+            "prefilled_tokens": self.prefilled_tokens,
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # mx.save_safetensors appends ".safetensors" to other names: write a temp file, then rename.
+        fd, tmp = tempfile.mkstemp(suffix=".safetensors", dir=path.parent)
+        os.close(fd)
+        try:
+            mx.save_safetensors(tmp, arrays, metadata={"step35_mlx_session": json.dumps(meta)})
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return path
+
+    def load(self, path: str | Path) -> "ChatSession":
+        """Replace this session's state with a saved one (same model required); returns ``self``."""
+        self._finish_active()
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no session file at {path}")
+        try:
+            arrays, metadata = mx.load(str(path), format="safetensors", return_metadata=True)
+            meta = json.loads(metadata["step35_mlx_session"])
+        except Exception as e:
+            raise ValueError(f"{path} is not a step35-mlx session file ({e})") from None
+        if meta.get("format") != SESSION_FORMAT or meta.get("version") != SESSION_VERSION:
+            raise ValueError(f"{path} is not a step35-mlx session file (version {SESSION_VERSION})")
+        if meta.get("model") != _model_fingerprint(self.model):
+            raise ValueError(f"{path} was saved with a different model (config.json differs); it cannot be loaded here")
+        layers = meta["layers"]
+        first = layers[0] if layers else {}
+        slack = next((e["slack"] for e in layers if e.get("kind") == "sliding"), None)
+        kw: dict[str, Any] = {}
+        if first.get("bits") is not None:
+            kw.update(kv_bits=first["bits"], kv_group_size=first.get("group_size", 64))
+        if slack is not None:
+            kw["slack"] = slack
+        cache = self.model.make_cache(**kw)
+        if len(layers) != len(cache):
+            raise ValueError(f"{path} holds {len(layers)} cache layers; the model has {len(cache)}")
+
+        def get(prefix: str, n: int) -> Any:
+            parts = tuple(arrays[f"{prefix}.{j}"] for j in range(n))
+            return parts if n > 1 else parts[0]
+
+        for i, (c, entry) in enumerate(zip(cache, layers)):
+            sliding = isinstance(c, SlidingKVCache)
+            if entry.get("kind") != ("sliding" if sliding else "full") or (sliding and entry["window"] != c.window):
+                raise ValueError(f"{path}: cache layer {i} does not match the model")
+            if sliding:
+                c.low = entry["low"]
+            c.offset = entry["offset"]
+            if "parts" in entry:
+                c.keys, c.values = get(f"cache.{i}.keys", entry["parts"]), get(f"cache.{i}.values", entry["parts"])
+        self.cache = cache
+        self.kv_bits, self.kv_group_size = kw.get("kv_bits"), kw.get("kv_group_size")
+        self.cache_tokens = list(meta["cache_tokens"])
+        self._snapshot = None
+        snap = meta.get("snapshot")
+        if snap is not None:
+            self._snapshot = _Snapshot(list(snap["tokens"]), {
+                int(i): _RingState(get(f"snapshot.{i}.keys", r["parts"]), get(f"snapshot.{i}.values", r["parts"]),
+                                   r["offset"], r["low"])
+                for i, r in snap["rings"].items()
+            })
+        self.messages = meta["messages"]
+        self.tools = meta.get("tools")
+        self.defaults = {**meta.get("defaults", {}), **self.defaults}
+        self.prefilled_tokens = meta.get("prefilled_tokens", 0)
+        self.last_stats = None
+        mx.eval(list(arrays.values()))
+        return self
