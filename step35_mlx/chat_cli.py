@@ -56,20 +56,14 @@ def _load(model: Optional[str], announce) -> tuple[Any, Any, Path, dict]:
     return m, tok, path, read_generation_config(path)
 
 
-def _check_mode(mtp: bool, draft_depth: Optional[int]) -> None:
-    from .generate import token_generator
-
-    try:
-        token_generator(mtp, draft_depth)
-    except NotImplementedError as e:
-        _fail(str(e))
-
-
 def _stats_line(st, interrupted: bool = False) -> str:
     parts = [f"{st.generation_tokens} tokens, {st.generation_tps:.1f} tok/s"]
     reused = st.prompt_tokens - st.prefill_tokens
     parts.append(f"prompt {st.prefill_tokens} new" + (f" + {reused} cached" if reused else "")
                  + f" at {st.prompt_tps:.0f} tok/s")
+    if st.draft_depth:
+        acc = "/".join(f"{a:.2f}" for a in st.acceptance)
+        parts.append(f"MTP d={st.draft_depth}: {st.tokens_per_verify:.2f} tok/verify, accept {acc}")
     parts.append(f"context {st.context_tokens}/{st.context_limit}")
     gb = st.peak_memory_gb
     parts.append(f"peak {gb:.2f} GB" if gb >= 1 else f"peak {gb * 1000:.0f} MB")
@@ -186,8 +180,8 @@ def chat(
     min_p: Optional[float] = typer.Option(None, "--min-p", help="Drop tokens below min_p x the top probability."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed for reproducible sampling."),
     show_reasoning: bool = typer.Option(True, "--show-reasoning/--hide-reasoning", help="Stream the reasoning dimmed, or collapse it to one line."),
-    mtp: bool = typer.Option(False, "--mtp/--no-mtp", help="Speculative decoding with the MTP heads."),
-    draft_depth: Optional[int] = typer.Option(None, "--draft-depth", help="Draft tokens per step with --mtp."),
+    mtp: Optional[bool] = typer.Option(None, "--mtp/--no-mtp", help="Speculative decoding with the MTP heads (default: what `step35-mlx tune` chose for this model, else off)."),
+    draft_depth: Optional[int] = typer.Option(None, "--draft-depth", help="MTP draft tokens per step (1-3; implies --mtp)."),
     max_context: Optional[int] = typer.Option(None, "--max-context", help="Context limit in tokens (default: the model's)."),
     kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="Store the KV cache quantized (4 or 8 bits)."),
 ) -> None:
@@ -209,11 +203,10 @@ def _chat(model, system, max_tokens, temperature, top_p, top_k, min_p, seed, sho
     from .session import ChatSession
 
     console = Console(highlight=False, soft_wrap=True)
-    _check_mode(mtp, draft_depth)
     m, tok, path, gen_config = _load(model, lambda msg: console.print(msg, style="yellow", markup=False))
     try:
         session = ChatSession(m, tok, system=system, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                              top_k=top_k, min_p=min_p, seed=seed, mtp=mtp or None, draft_depth=draft_depth,
+                              top_k=top_k, min_p=min_p, seed=seed, mtp=mtp, draft_depth=draft_depth,
                               max_context=max_context, generation_config=gen_config, kv_bits=kv_bits)
     except ValueError as e:
         _fail(str(e))
@@ -323,8 +316,8 @@ def generate(
     raw: bool = typer.Option(False, "--raw", help="Use the prompt as is, without the chat template."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object: text, reasoning, tool_calls, finish_reason, stats."),
     show_reasoning: bool = typer.Option(False, "--show-reasoning/--hide-reasoning", help="Also stream the reasoning (to stderr)."),
-    mtp: bool = typer.Option(False, "--mtp/--no-mtp", help="Speculative decoding with the MTP heads."),
-    draft_depth: Optional[int] = typer.Option(None, "--draft-depth"),
+    mtp: Optional[bool] = typer.Option(None, "--mtp/--no-mtp", help="Speculative decoding with the MTP heads (default: what `step35-mlx tune` chose for this model, else off)."),
+    draft_depth: Optional[int] = typer.Option(None, "--draft-depth", help="MTP draft tokens per step (1-3; implies --mtp)."),
     max_context: Optional[int] = typer.Option(None, "--max-context", help="Context limit in tokens (default: the model's)."),
     kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="Store the KV cache quantized (4 or 8 bits)."),
 ) -> None:
@@ -348,7 +341,6 @@ def generate(
             tool_list = [tool_list]
         if not isinstance(tool_list, list):
             _fail(f"{tools} must hold a JSON list of tool schemas")
-    _check_mode(mtp, draft_depth)
     m, tok, _, gen_config = _load(model, lambda msg: typer.secho(msg, fg=typer.colors.YELLOW, err=True))
     if raw:
         request: Any = prompt
@@ -357,7 +349,7 @@ def generate(
     try:
         stream = stream_generate(m, tok, request, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                  top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
-                                 stop=stop or None, tools=tool_list, mtp=mtp or None, draft_depth=draft_depth,
+                                 stop=stop or None, tools=tool_list, mtp=mtp, draft_depth=draft_depth,
                                  max_context=max_context, generation_config=gen_config, kv_bits=kv_bits)
     except ValueError as e:
         _fail(str(e))

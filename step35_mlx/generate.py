@@ -47,6 +47,7 @@ FALLBACK_SETTINGS: dict[str, Any] = {
     "max_tokens": 8192,
 }
 REPETITION_CONTEXT = 20  # tokens the repetition penalty looks back over (mlx-lm's default)
+DEFAULT_DRAFT_DEPTH = 2  # MTP drafts per step when MTP is on and neither --draft-depth nor `tune` chose one
 
 
 # ---------------------------------------------------------------- results
@@ -70,6 +71,9 @@ class GenerationStats:
     peak_memory_gb: float = 0.0
     context_tokens: int = 0
     context_limit: int = 0
+    draft_depth: int = 0  # 0: plain decoding
+    acceptance: list[float] = field(default_factory=list)  # MTP: P(draft i accepted | earlier ones were)
+    tokens_per_verify: float = 0.0
 
     def to_dict(self) -> dict:
         return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
@@ -223,6 +227,7 @@ def resolve_settings(
     eos = set(getattr(model.config, "eos_token_id", None) or [])
     eos |= set(getattr(tokenizer, "eos_token_ids", None) or [])
     eos |= set(gc.get("eos_token_id", []))
+    mtp, draft_depth = resolve_mtp(model, mtp, draft_depth)
     limit = int(max_context or model.config.max_position_embeddings)
     if max_context is not None and max_context > model.config.max_position_embeddings:
         raise ValueError(
@@ -243,6 +248,32 @@ def resolve_settings(
         draft_depth=draft_depth,
         default_max_tokens=int(gc.get("max_tokens") or FALLBACK_SETTINGS["max_tokens"]),
     )
+
+
+def resolve_mtp(model: Any, mtp: bool | None, draft_depth: int | None) -> tuple[bool, int | None]:
+    """Decide plain vs MTP decoding: explicit flags, else ``step35-mlx tune``'s stored choice, else plain.
+
+    Plain is the untuned default because the winner depends on the chip: on MLX's CPU
+    build verify rows cost nearly linear time, so MTP rarely wins there; on a Mac GPU
+    fewer weight bytes per token usually do. ``tune`` measures it once per model.
+    """
+    available = getattr(model, "num_mtp", 0)
+    if mtp is None and draft_depth is None:
+        path = getattr(model, "source_path", None)
+        if path is None or not available:
+            return False, None
+        from .tune import load_choice
+
+        tuned = load_choice(path)
+        return (bool(tuned), tuned or None) if tuned is not None else (False, None)
+    if mtp is False:
+        return False, None
+    depth = draft_depth or DEFAULT_DRAFT_DEPTH
+    if not available:
+        raise ValueError("this checkpoint has no MTP modules (num_nextn_predict_layers is 0); run without --mtp")
+    if not 1 <= depth <= available:
+        raise ValueError(f"--draft-depth must be between 1 and {available} for this checkpoint, got {depth}")
+    return True, depth
 
 
 def new_cache(model: Any, kv_bits: int | None = None, kv_group_size: int | None = None) -> list:
@@ -352,10 +383,12 @@ def ar_tokens(
 
 
 def token_generator(mtp: bool | None = None, draft_depth: int | None = None) -> TokenGenerator:
-    """The one place that chooses the decoding loop for a request."""
-    if mtp:
-        raise NotImplementedError("MTP decoding arrives with issue 6")
-    return ar_tokens
+    """The one place that chooses the decoding loop for a request: plain, or MTP with ``draft_depth`` drafts."""
+    if not mtp:
+        return ar_tokens
+    from .speculative import MTPDecoder
+
+    return MTPDecoder(draft_depth or DEFAULT_DRAFT_DEPTH)
 
 
 # ---------------------------------------------------------------- prompts
@@ -468,6 +501,11 @@ def _run(model, tokenizer, cache, prompt_ids, cached, settings, budget, gen, rea
             else:
                 stats.generation_tps = (n - 1) / max(now - t_first, 1e-9)
             stats.generation_tokens = n
+            spec = getattr(gen, "stats", None)
+            if spec is not None:
+                stats.draft_depth = spec.depth
+                stats.acceptance = [round(a, 3) for a in spec.acceptance]
+                stats.tokens_per_verify = spec.tokens_per_verify
             stats.context_tokens = len(prompt_ids) + n
             finish = None
             if tok in settings.eos_ids:

@@ -187,18 +187,21 @@ def load_model(path: str | Path, dtype: mx.Dtype | None = None) -> Model:
     model.load_weights(list(_cast(weights, dtype).items()), strict=True)
     mx.eval(model.parameters())
     model.eval()
+    model.source_path = path
     return model
 
 
 def load(path: str | Path, dtype: mx.Dtype | None = None) -> tuple[Model, Any]:
-    """``(model, tokenizer)`` from a checkpoint folder with tokenizer files.
+    """``(model, tokenizer)`` from a checkpoint folder with tokenizer files, ``"demo"`` or a Hub repo id.
 
     The tokenizer is mlx-lm's ``TokenizerWrapper`` (streaming detokenizer included),
     with every eos id from config.json.
     """
     from mlx_lm.tokenizer_utils import load as load_tokenizer
 
-    path = Path(path)
+    from .hub import resolve_model
+
+    path = resolve_model(path) if isinstance(path, str) else Path(path)
     model = load_model(path, dtype)
     if not (path / "tokenizer.json").exists() and not (path / "tokenizer.model").exists():
         raise FileNotFoundError(f"{path} has no tokenizer files (tokenizer.json / tokenizer.model)")

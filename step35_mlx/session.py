@@ -37,7 +37,7 @@ from typing import Any, Iterator, Sequence
 import mlx.core as mx
 
 from .cache import SlidingKVCache
-from .generate import GenerationChunk, GenerationStats, Settings, new_cache, resolve_settings, run, token_generator
+from .generate import GenerationChunk, GenerationStats, Settings, new_cache, resolve_settings, run
 from .reasoning import split_reasoning
 from .tool_calls import parse_tool_calls
 
@@ -213,7 +213,6 @@ class ChatSession:
         settings = self.settings(**overrides)
         ids = self.render(messages)
         settings.budget(len(ids))  # ValueError before anything changes
-        token_generator(settings.mtp, settings.draft_depth)  # refuse unsupported modes up front too
         self.messages = messages
         first_reply = not any(m.get("role") == "assistant" for m in self._since_last_user())
         cached = self._reuse(ids)

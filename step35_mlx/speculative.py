@@ -259,3 +259,21 @@ def speculative_tokens(
             drafter.drop_rows(extra)
         if not last_in_cache:
             drafter.add_hidden(model.forward_hidden(mx.array([[tokens[-1]]]), cache))
+
+
+class MTPDecoder:
+    """A token generator (``generate.TokenGenerator`` protocol) that decodes with MTP drafts.
+
+    Holds the acceptance statistics of its runs, for the stats line and ``tune``.
+    """
+
+    def __init__(self, depth: int):
+        self.depth = depth
+        self.stats = SpecStats(depth)
+
+    def __call__(self, model: Model, cache: list, prompt: mx.array, params: SamplingParams, *,
+                 key: mx.array | None = None, logits_processors: Sequence[LogitsProcessor] | None = None,
+                 prefill_step: int = 512, on_prefilled: Callable[[], None] | None = None) -> Iterator[int]:
+        return speculative_tokens(model, cache, prompt, params, depth=self.depth, key=key,
+                                  logits_processors=logits_processors, prefill_step=prefill_step,
+                                  on_prefilled=on_prefilled, stats=self.stats)

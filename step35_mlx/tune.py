@@ -117,8 +117,9 @@ def _read(store: Path) -> dict:
         return {}
 
 
-def save_choice(path: str | Path, result: TuneResult, store: Path = TUNE_FILE) -> None:
-    """Record the winner for this model (atomic write)."""
+def save_choice(path: str | Path, result: TuneResult, store: Path | None = None) -> None:
+    """Record the winner for this model (atomic write) in ``store`` (default ``TUNE_FILE``)."""
+    store = store or TUNE_FILE
     data = _read(store)
     data[model_key(path)] = {**asdict(result), "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
     store.parent.mkdir(parents=True, exist_ok=True)
@@ -127,7 +128,7 @@ def save_choice(path: str | Path, result: TuneResult, store: Path = TUNE_FILE) -
     os.replace(tmp, store)
 
 
-def load_choice(path: str | Path, store: Path = TUNE_FILE) -> int | None:
+def load_choice(path: str | Path, store: Path | None = None) -> int | None:
     """The tuned draft depth for this model (0 = plain decoding), or None if never tuned here."""
-    entry = _read(store).get(model_key(path))
+    entry = _read(store or TUNE_FILE).get(model_key(path))
     return None if entry is None else int(entry["depth"])

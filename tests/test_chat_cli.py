@@ -59,7 +59,7 @@ def test_generate_stdin_system_tools_and_plain_output(model_dir, tmp_path):
     (["generate", "--model", "/no/such/folder", "-p", "hi"], "model folder /no/such/folder does not exist"),
     (["generate", "--model", "{model}", "-p", "hi", "-n", "50", "--max-context", "30"], "exceeds the context limit of 30 tokens"),
     (["generate", "--model", "{model}", "-p", "-"], "the prompt is empty"),
-    (["generate", "--model", "{model}", "-p", "hi", "--mtp"], "MTP decoding arrives with issue 6"),
+    (["generate", "--model", "{model}", "-p", "hi", "--mtp", "--draft-depth", "3"], "--draft-depth must be between 1 and 1"),
     (["generate", "--model", "{model}", "-p", "hi", "--tools", "/no/tools.json"], "cannot read tools"),
     (["chat", "--model", "/no/such/folder"], "model folder /no/such/folder does not exist"),
     (["chat", "--model", "{model}", "--max-context", "999999"], "larger than the model's 4096 positions"),

@@ -172,7 +172,20 @@ def test_generation_config_defaults(tmp_path, mt):
     assert len(chunks) == 3
 
 
-def test_mtp_is_not_there_yet(mt):
+def test_mtp_stream_equals_plain_greedy_and_reports_acceptance(mt, reference):
     model, tok = mt
-    with pytest.raises(NotImplementedError, match="issue 6"):
+    ids, ref = reference
+    chunks = list(stream_generate(model, tok, MSGS, max_tokens=40, temperature=0, mtp=True, draft_depth=1))
+    assert [c.token_ids[0] for c in chunks] == ref
+    st = chunks[-1].stats
+    assert st.draft_depth == 1 and len(st.acceptance) == 1 and st.tokens_per_verify >= 1.0
+
+
+def test_mtp_settings_are_validated(mt, tmp_path):
+    model, tok = mt
+    with pytest.raises(ValueError, match="--draft-depth must be between 1 and 1"):
         stream_generate(model, tok, MSGS, mtp=True, draft_depth=2)
+    # untuned default is plain decoding; a stored `tune` choice turns MTP on for this model only
+    assert resolve_settings(model, tok).mtp is False
+    assert resolve_settings(model, tok, draft_depth=1).mtp is True  # a depth implies MTP
+    assert resolve_settings(model, tok, mtp=False, draft_depth=1).mtp is False

@@ -47,3 +47,28 @@ def test_choice_round_trip_is_per_model(tiny, tmp_path):
     other.mkdir()
     (other / "config.json").write_text(json.dumps(cfg))
     assert load_choice(other, store) is None
+
+
+def test_tune_command_stores_the_winner(tiny, tmp_path, monkeypatch):
+    """End to end through the CLI on a checkpoint with a tokenizer (the chat fixture)."""
+    from typer.testing import CliRunner
+
+    import step35_mlx.tune as tune_mod
+    from step35_mlx.cli import app
+    from chatkit import chat_model_dir
+
+    store = tmp_path / "tune.json"
+    monkeypatch.setattr(tune_mod, "TUNE_FILE", store)
+    folder = chat_model_dir()
+    r = CliRunner().invoke(app, ["tune", "--model", str(folder), "--tokens", "16", "--repeats", "1"])
+    assert r.exit_code == 0, r.output
+    assert "mtp d=1" in r.output and "default for this model is now" in r.output
+    assert load_choice(folder, store) in (0, 1)
+    # and generation now follows the stored choice for this model
+    from step35_mlx import load
+    from step35_mlx.generate import resolve_settings
+
+    model, tok = load(folder)
+    expected = load_choice(folder)
+    s = resolve_settings(model, tok)
+    assert (s.mtp, s.draft_depth) == (bool(expected), expected or None)
