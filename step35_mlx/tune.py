@@ -132,3 +132,26 @@ def load_choice(path: str | Path, store: Path | None = None) -> int | None:
     """The tuned draft depth for this model (0 = plain decoding), or None if never tuned here."""
     entry = _read(store or TUNE_FILE).get(model_key(path))
     return None if entry is None else int(entry["depth"])
+
+
+def teacher_forced_agreement(model: Model, tokens: Sequence[int], chunk: int = 1024) -> dict[str, list[float]]:
+    """Per MTP module k, how often its argmax at row t equals the trunk's argmax at row t + k + 1.
+
+    That is the acceptance greedy speculative decoding would see if all earlier drafts
+    passed. Also reports agreement with the text itself (token t + k + 2). Used to choose
+    ``model.mtp_hidden`` (pre- vs post-final-norm trunk hidden into module 0) by measurement.
+    """
+    x = mx.array([list(tokens)[:chunk]])
+    hidden = model.forward_hidden(x)
+    trunk = mx.argmax(model.logits(hidden), axis=-1)[0]
+    vs_trunk, vs_text = [], []
+    for k, logits in enumerate(model.mtp_logits(x, hidden)):
+        pred = mx.argmax(logits, axis=-1)[0]
+        n = pred.shape[0]
+        if n == 0:
+            vs_trunk.append(0.0)
+            vs_text.append(0.0)
+            continue
+        vs_trunk.append(float((pred == trunk[k + 1 : k + 1 + n]).mean().item()))
+        vs_text.append(float((pred == x[0, k + 2 : k + 2 + n]).mean().item()))
+    return {"vs_trunk": vs_trunk, "vs_text": vs_text}
