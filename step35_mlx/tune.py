@@ -153,5 +153,6 @@ def teacher_forced_agreement(model: Model, tokens: Sequence[int], chunk: int = 1
             vs_text.append(0.0)
             continue
         vs_trunk.append(float((pred == trunk[k + 1 : k + 1 + n]).mean().item()))
-        vs_text.append(float((pred == x[0, k + 2 : k + 2 + n]).mean().item()))
+        # the last row predicts the token after the text, so it has no text target
+        vs_text.append(float((pred[: n - 1] == x[0, k + 2 :]).mean().item()) if n > 1 else 0.0)
     return {"vs_trunk": vs_trunk, "vs_text": vs_text}

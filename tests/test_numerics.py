@@ -116,7 +116,8 @@ def test_bf16_activations_track_float32():
     with tempfile.TemporaryDirectory() as d:
         write_hf_checkpoint(Path(d), cfg, dtype="bfloat16", seed=2)
         m32 = load_model(d, dtype=mx.float32)
-        m16 = load_model(d)
+        m16 = load_model(d, dtype=mx.bfloat16)
+        assert load_model(d).lm_head.weight.dtype == (mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16)
         assert m16.lm_head.weight.dtype == mx.bfloat16
         assert m16.layers[1].moe.gate.weight.dtype == mx.float32  # need_fp32_gate
         assert m16.layers[1].moe.router_bias.dtype == mx.float32

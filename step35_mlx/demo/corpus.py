@@ -183,8 +183,8 @@ def _subject_from_heading(h: str) -> str:
     h = h.strip()
     if h.startswith("The "):
         h = "the " + h[4:]
-    elif h[:1].isupper() and not h[1:2].isupper() and not h.startswith('"'):
-        h = h[0].lower() + h[1:]
+    elif h[:1].isupper() and h[1:].split(" ")[0].islower() and all(not w[:1].isupper() for w in h.split(" ")[1:]):
+        h = h[0].lower() + h[1:]  # "Assignment statements" -> "assignment statements"; "Type Objects" kept
     return h
 
 
