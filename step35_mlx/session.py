@@ -203,6 +203,17 @@ class ChatSession:
             raise ValueError("nothing to respond to: the history is empty or ends with an assistant message")
         return self._turn(list(self.messages), overrides)
 
+    def generate_for(self, messages: list[dict], tools: list[dict] | None = None,
+                     **overrides: Any) -> Iterator[GenerationChunk]:
+        """Replace the history with ``messages`` (and the tools) and stream a reply to it.
+
+        For servers whose clients resend the whole conversation every turn: the cache keeps
+        the longest prefix of the new rendering it can provide exactly, as in ``send``.
+        """
+        self._finish_active()
+        self.tools = list(tools) if tools else None
+        return self._turn([dict(m) for m in messages], overrides)
+
     def add_tool_result(self, name: str, content: Any) -> None:
         """Append a tool's result (``content`` that is not a string is JSON-encoded)."""
         if not isinstance(content, str):
