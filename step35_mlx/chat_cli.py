@@ -35,10 +35,17 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def _load(model: Optional[str], announce) -> tuple[Any, Any, Path, dict]:
-    """``(model, tokenizer, folder, generation_config)``, or a red line and exit 2."""
+def _load(model: Optional[str], announce, *, max_context: Optional[int] = None, kv_bits: Optional[int] = None,
+          mtp: Optional[bool] = None, prefill_step: int = 512) -> tuple[Any, Any, Path, dict, int]:
+    """``(model, tokenizer, folder, generation_config, context limit)``, or a red line and exit 2.
+
+    Before any weight is read, the memory plan (``step35_mlx.plan.preflight``) must fit this
+    machine: for ``max_context`` when given, else for the longest context that fits (which
+    becomes the limit). A model that does not fit is refused with the options that would fit.
+    """
     from .hub import DEMO_DIR, ModelNotFoundError, resolve_model
     from .loader import CheckpointError, load
+    from .plan import InsufficientMemoryError, preflight
 
     try:
         path = resolve_model(model)
@@ -47,13 +54,28 @@ def _load(model: Optional[str], announce) -> tuple[Any, Any, Path, dict]:
     if model is None:
         announce(f"No --model given: using the bundled demo model ({DEMO_DIR}). "
                  "Pass --model PATH|REPO to chat with Step 3.5 Flash.")
+    keep_mtp = mtp is not False
     try:
-        m, tok = load(path)
+        plan = preflight(path, context=max_context, kv_bits=kv_bits, mtp=keep_mtp, prefill_step=prefill_step)
+    except InsufficientMemoryError as e:
+        head, _, options = str(e).partition("\n")
+        typer.secho(f"error: {head}", fg=typer.colors.RED, err=True)
+        typer.echo(options, err=True)
+        raise typer.Exit(2)
+    except CheckpointError as e:
+        _fail(f"cannot load {path}: {e}")
+    except (FileNotFoundError, ValueError, OSError) as e:
+        _fail(str(e))
+    if max_context is None and plan.context < plan.config.max_position_embeddings:
+        announce(f"Context limited to {plan.context:,} tokens so that the model fits this machine's memory "
+                 f"(`step35-mlx plan --model {path}` shows the options).")
+    try:
+        m, tok = load(path, mtp=keep_mtp)
     except (CheckpointError, FileNotFoundError, ValueError, OSError) as e:
         _fail(f"cannot load {path}: {e}")
     from .generate import read_generation_config
 
-    return m, tok, path, read_generation_config(path)
+    return m, tok, path, read_generation_config(path), plan.context
 
 
 def _stats_line(st, interrupted: bool = False) -> str:
@@ -182,7 +204,8 @@ def chat(
     show_reasoning: bool = typer.Option(True, "--show-reasoning/--hide-reasoning", help="Stream the reasoning dimmed, or collapse it to one line."),
     mtp: Optional[bool] = typer.Option(None, "--mtp/--no-mtp", help="Speculative decoding with the MTP heads (default: what `step35-mlx tune` chose for this model, else off)."),
     draft_depth: Optional[int] = typer.Option(None, "--draft-depth", help="MTP draft tokens per step (1-3; implies --mtp)."),
-    max_context: Optional[int] = typer.Option(None, "--max-context", help="Context limit in tokens (default: the model's)."),
+    max_context: Optional[int] = typer.Option(None, "--max-context", help="Context limit in tokens (default: the model's, or the longest that fits this machine's memory)."),
+    prefill_step: int = typer.Option(512, "--prefill-step", help="Prompt tokens per prefill chunk; smaller bounds memory on long prompts."),
     kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="Store the KV cache quantized (4 or 8 bits)."),
 ) -> None:
     """Chat in the terminal: streaming answers, reasoning dimmed, the KV cache kept between turns.
@@ -191,23 +214,26 @@ def chat(
     """
     try:
         _chat(model, system, max_tokens, temperature, top_p, top_k, min_p, seed, show_reasoning, mtp, draft_depth,
-              max_context, kv_bits)
+              max_context, kv_bits, prefill_step)
     except KeyboardInterrupt:  # Ctrl-C while loading or at a prompt outside a turn
         raise typer.Exit(130)
 
 
 def _chat(model, system, max_tokens, temperature, top_p, top_k, min_p, seed, show_reasoning, mtp, draft_depth,
-          max_context, kv_bits) -> None:
+          max_context, kv_bits, prefill_step) -> None:
     from rich.console import Console
 
     from .session import ChatSession
 
     console = Console(highlight=False, soft_wrap=True)
-    m, tok, path, gen_config = _load(model, lambda msg: console.print(msg, style="yellow", markup=False))
+    m, tok, path, gen_config, max_context = _load(model, lambda msg: console.print(msg, style="yellow", markup=False),
+                                                  max_context=max_context, kv_bits=kv_bits, mtp=mtp,
+                                                  prefill_step=prefill_step)
     try:
         session = ChatSession(m, tok, system=system, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                               top_k=top_k, min_p=min_p, seed=seed, mtp=mtp, draft_depth=draft_depth,
-                              max_context=max_context, generation_config=gen_config, kv_bits=kv_bits)
+                              max_context=max_context, generation_config=gen_config, kv_bits=kv_bits,
+                              prefill_step=prefill_step)
     except ValueError as e:
         _fail(str(e))
     console.print(f"step35-mlx chat · {path} · context limit {session.context_limit} tokens", style="bold",
@@ -318,7 +344,8 @@ def generate(
     show_reasoning: bool = typer.Option(False, "--show-reasoning/--hide-reasoning", help="Also stream the reasoning (to stderr)."),
     mtp: Optional[bool] = typer.Option(None, "--mtp/--no-mtp", help="Speculative decoding with the MTP heads (default: what `step35-mlx tune` chose for this model, else off)."),
     draft_depth: Optional[int] = typer.Option(None, "--draft-depth", help="MTP draft tokens per step (1-3; implies --mtp)."),
-    max_context: Optional[int] = typer.Option(None, "--max-context", help="Context limit in tokens (default: the model's)."),
+    max_context: Optional[int] = typer.Option(None, "--max-context", help="Context limit in tokens (default: the model's, or the longest that fits this machine's memory)."),
+    prefill_step: int = typer.Option(512, "--prefill-step", help="Prompt tokens per prefill chunk; smaller bounds memory on long prompts."),
     kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="Store the KV cache quantized (4 or 8 bits)."),
 ) -> None:
     """Generate one answer for scripts: the answer on stdout (or --json), stats on stderr.
@@ -341,7 +368,9 @@ def generate(
             tool_list = [tool_list]
         if not isinstance(tool_list, list):
             _fail(f"{tools} must hold a JSON list of tool schemas")
-    m, tok, _, gen_config = _load(model, lambda msg: typer.secho(msg, fg=typer.colors.YELLOW, err=True))
+    m, tok, _, gen_config, max_context = _load(model, lambda msg: typer.secho(msg, fg=typer.colors.YELLOW, err=True),
+                                               max_context=max_context, kv_bits=kv_bits, mtp=mtp,
+                                               prefill_step=prefill_step)
     if raw:
         request: Any = prompt
     else:
@@ -350,7 +379,8 @@ def generate(
         stream = stream_generate(m, tok, request, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                  top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
                                  stop=stop or None, tools=tool_list, mtp=mtp, draft_depth=draft_depth,
-                                 max_context=max_context, generation_config=gen_config, kv_bits=kv_bits)
+                                 max_context=max_context, generation_config=gen_config, kv_bits=kv_bits,
+                                 prefill_step=prefill_step)
     except ValueError as e:
         _fail(str(e))
     text, reasoning, calls = [], [], []

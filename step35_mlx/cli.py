@@ -65,6 +65,10 @@ from . import chat_cli  # noqa: E402  (commands: chat, generate)
 app.command("chat")(chat_cli.chat)
 app.command("generate")(chat_cli.generate)
 
+from . import plan_cli  # noqa: E402  (command: plan)
+
+app.command("plan", help=plan_cli.PLAN_HELP)(plan_cli.plan)
+
 from . import serve_cli  # noqa: E402  (command: serve)
 
 app.command("serve")(serve_cli.serve)

@@ -4,24 +4,34 @@ Sizes come from :func:`step35_mlx.quant.recipes.plan_sizes` for a config (the bu
 copy of the Step 3.5 Flash release config when no SOURCE is given) or, for a local
 source folder, from the conversion plan itself (the source's real dtypes and shapes).
 
-Fit rule (an assumption, printed with the table): by default macOS lets the GPU wire
-about 75 % of unified memory; a model "fits" when its weights plus ``HEADROOM`` (KV
-cache for ~32K tokens of context — 1.5 GiB for the 12 full-attention layers plus
-66 MiB for the sliding ones — activations and MLX buffers) stay under that. "fits*"
-means it fits only after raising the limit (``sudo sysctl iogpu.wired_limit_mb=N``)
-to RAM minus 8 GB for macOS and apps.
+Fit rule (printed with the table): the Mac rule of :mod:`step35_mlx.plan` -- by default
+macOS lets the GPU wire about 75 % of unified memory on these Macs; a model "fits" when
+its weights plus :func:`headroom` (what ``step35-mlx plan`` adds to the weights for a
+32K context: 1.6 GB of KV for the 12 full-attention layers, 70 MB of sliding rings,
+prefill activations and the fixed overhead -- 3.0 GB in all) stay under that. "fits*"
+means it fits only after raising the limit (``sudo sysctl iogpu.wired_limit_mb=N``) to
+RAM minus 8 GiB for macOS and apps. ``step35-mlx plan`` gives the exact figure for any
+context and KV format.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
+from ..plan import MAC_SIZES_GB, OS_RESERVE, WeightSizes, mac_machine, plan_memory, verdict  # noqa: F401 (re-exported)
 from ..quant.recipes import RECIPES, Recipe, plan_sizes
 
-MACS_GB = (64, 96, 128, 192, 256, 512)
-GPU_FRACTION = 0.75
-HEADROOM = 4 * 10**9
-OS_RESERVE = 8 * 10**9
+MACS_GB = MAC_SIZES_GB
+HEADROOM_CONTEXT = 32768
+
+
+@lru_cache(maxsize=None)
+def headroom(context: int = HEADROOM_CONTEXT) -> int:
+    """Bytes the planner adds to the release's weights for ``context`` tokens (bf16 KV, no MTP)."""
+    from ..data import release_config
+
+    return plan_memory(release_config(), recipe=WeightSizes(0, 0, "none"), context=context, mtp=False).total
 
 
 def step3p5_flash_config() -> dict:
@@ -100,13 +110,8 @@ class RecipeSize:
 
 
 def fit(nbytes: int, ram_gb: int) -> str:
-    """``"yes"`` (fits the default ~75 % GPU limit), ``"raise"`` (fits after raising it), or ``"no"``."""
-    ram = ram_gb * 10**9 * 1.073741824  # Mac RAM sizes are GiB
-    if nbytes + HEADROOM <= GPU_FRACTION * ram:
-        return "yes"
-    if nbytes + HEADROOM <= ram - OS_RESERVE:
-        return "raise"
-    return "no"
+    """``"yes"`` (fits the default GPU limit), ``"raise"`` (fits after raising it), or ``"no"``."""
+    return {"fits": "yes", "raise": "raise", "no": "no"}[verdict(nbytes + headroom(), mac_machine(ram_gb)).status]
 
 
 def sizes_for_config(config: dict, recipes: list[Recipe] | None = None, source_dtype: str = "BF16") -> list[RecipeSize]:
@@ -142,6 +147,7 @@ FIT_NOTE = (
     "GB = trunk weights (1e9 bytes, exact); +MTP = the 3 MTP modules (kept unless --drop-mtp); "
     "bpw = trunk bits per weight. Columns 64G..512G: does the model (with MTP unless --drop-mtp) "
     "fit a Mac with that much RAM? Assumes macOS lets the GPU use ~75% of RAM by default, with "
-    "4 GB kept for KV cache (~32K tokens) and buffers; yes* = only after raising that limit: "
-    "sudo sysctl iogpu.wired_limit_mb=<RAM minus 8 GB, in MB>."
+    "3.0 GB kept for a 32K context (KV cache, activations, runtime); yes* = only after raising that limit: "
+    "sudo sysctl iogpu.wired_limit_mb=<RAM minus 8 GiB, in MiB>. Exact needs for any context and "
+    "KV format: step35-mlx plan --recipe NAME --context N."
 )

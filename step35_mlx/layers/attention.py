@@ -16,6 +16,13 @@ from ..config import LayerSpec
 from .norms import ZeroCenteredRMSNorm
 from .rope import RoPE
 
+# Chunks of more than this many rows attend over a quantized cache by dequantizing its keys
+# and values once and running the fused kernel: quantized_sdpa materialises heads x rows x
+# keys scores (51 GB for a 512-token chunk at 256K context in Step 3.5 Flash, against 1 GiB
+# for one layer's dequantized K/V). Decode and MTP-verify rows keep the quantized matmuls.
+# step35_mlx.plan reads this constant.
+DEQUANTIZE_PREFILL_ROWS = 16
+
 
 def quantized_sdpa(q: mx.array, k: tuple, v: tuple, scale: float, mask: Mask, group_size: int, bits: int) -> mx.array:
     """Attention over a quantized KV cache (``(packed, scales, biases)`` keys/values), GQA-aware."""
@@ -66,7 +73,11 @@ class Attention(nn.Module):
         k = self.rope(k, offset=offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        if isinstance(k, tuple):
+        if isinstance(k, tuple) and T > DEQUANTIZE_PREFILL_ROWS:
+            k = mx.dequantize(*k, group_size=cache.group_size, bits=cache.bits)
+            v = mx.dequantize(*v, group_size=cache.group_size, bits=cache.bits)
+            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        elif isinstance(k, tuple):
             out = quantized_sdpa(q, k, v, self.scale, mask, cache.group_size, cache.bits)
         else:
             out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
