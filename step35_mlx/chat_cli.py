@@ -25,6 +25,14 @@ Ctrl-C stops the current answer; the partial answer stays in the conversation.""
 _CONTROL = {c: None for c in range(32) if c not in (9, 10)} | {127: None}
 
 
+# Options shared by `chat` and `generate`.
+MTP_OPTION = typer.Option(None, "--mtp/--no-mtp", help="Speculative decoding with the MTP heads (default: what `step35-mlx tune` chose for this model, else off).")
+DRAFT_DEPTH_OPTION = typer.Option(None, "--draft-depth", help="MTP draft tokens per step (1-3; implies --mtp).")
+MAX_CONTEXT_OPTION = typer.Option(None, "--max-context", help="Context limit in tokens (default: the model's, or the longest that fits this machine's memory).")
+PREFILL_STEP_OPTION = typer.Option(512, "--prefill-step", help="Prompt tokens per prefill chunk; smaller bounds memory on long prompts.")
+KV_BITS_OPTION = typer.Option(None, "--kv-bits", help="Store the KV cache quantized (4 or 8 bits).")
+
+
 def _printable(text: str) -> str:
     """Model text made safe for a terminal (no escape or other control characters)."""
     return text.translate(_CONTROL)
@@ -202,11 +210,11 @@ def chat(
     min_p: Optional[float] = typer.Option(None, "--min-p", help="Drop tokens below min_p x the top probability."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed for reproducible sampling."),
     show_reasoning: bool = typer.Option(True, "--show-reasoning/--hide-reasoning", help="Stream the reasoning dimmed, or collapse it to one line."),
-    mtp: Optional[bool] = typer.Option(None, "--mtp/--no-mtp", help="Speculative decoding with the MTP heads (default: what `step35-mlx tune` chose for this model, else off)."),
-    draft_depth: Optional[int] = typer.Option(None, "--draft-depth", help="MTP draft tokens per step (1-3; implies --mtp)."),
-    max_context: Optional[int] = typer.Option(None, "--max-context", help="Context limit in tokens (default: the model's, or the longest that fits this machine's memory)."),
-    prefill_step: int = typer.Option(512, "--prefill-step", help="Prompt tokens per prefill chunk; smaller bounds memory on long prompts."),
-    kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="Store the KV cache quantized (4 or 8 bits)."),
+    mtp: Optional[bool] = MTP_OPTION,
+    draft_depth: Optional[int] = DRAFT_DEPTH_OPTION,
+    max_context: Optional[int] = MAX_CONTEXT_OPTION,
+    prefill_step: int = PREFILL_STEP_OPTION,
+    kv_bits: Optional[int] = KV_BITS_OPTION,
 ) -> None:
     """Chat in the terminal: streaming answers, reasoning dimmed, the KV cache kept between turns.
 
@@ -342,11 +350,11 @@ def generate(
     raw: bool = typer.Option(False, "--raw", help="Use the prompt as is, without the chat template."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object: text, reasoning, tool_calls, finish_reason, stats."),
     show_reasoning: bool = typer.Option(False, "--show-reasoning/--hide-reasoning", help="Also stream the reasoning (to stderr)."),
-    mtp: Optional[bool] = typer.Option(None, "--mtp/--no-mtp", help="Speculative decoding with the MTP heads (default: what `step35-mlx tune` chose for this model, else off)."),
-    draft_depth: Optional[int] = typer.Option(None, "--draft-depth", help="MTP draft tokens per step (1-3; implies --mtp)."),
-    max_context: Optional[int] = typer.Option(None, "--max-context", help="Context limit in tokens (default: the model's, or the longest that fits this machine's memory)."),
-    prefill_step: int = typer.Option(512, "--prefill-step", help="Prompt tokens per prefill chunk; smaller bounds memory on long prompts."),
-    kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="Store the KV cache quantized (4 or 8 bits)."),
+    mtp: Optional[bool] = MTP_OPTION,
+    draft_depth: Optional[int] = DRAFT_DEPTH_OPTION,
+    max_context: Optional[int] = MAX_CONTEXT_OPTION,
+    prefill_step: int = PREFILL_STEP_OPTION,
+    kv_bits: Optional[int] = KV_BITS_OPTION,
 ) -> None:
     """Generate one answer for scripts: the answer on stdout (or --json), stats on stderr.
 

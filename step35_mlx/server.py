@@ -106,35 +106,31 @@ class OAIMessage(_Loose):
     reasoning_content: Optional[str] = None
 
 
-class OAIChatRequest(_Loose):
+class _OAIRequest(_Loose):
+    """Fields the OpenAI chat and completions requests share."""
+
     model: Optional[str] = None
+    stream: bool = False
+    stream_options: Optional[dict] = None
+    temperature: Optional[float] = Field(None, ge=0)
+    top_p: Optional[float] = Field(None, gt=0, le=1)
+    top_k: Optional[int] = Field(None, ge=0)
+    seed: Optional[int] = None
+    stop: Union[str, list[str], None] = None
+    n: Optional[int] = Field(None, ge=1, le=1)
+
+
+class OAIChatRequest(_OAIRequest):
     messages: list[OAIMessage] = Field(min_length=1)
     tools: Optional[list[dict]] = None
     tool_choice: Union[str, dict, None] = None
-    stream: bool = False
-    stream_options: Optional[dict] = None
     max_tokens: Optional[int] = Field(None, ge=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
-    temperature: Optional[float] = Field(None, ge=0)
-    top_p: Optional[float] = Field(None, gt=0, le=1)
-    top_k: Optional[int] = Field(None, ge=0)
-    seed: Optional[int] = None
-    stop: Union[str, list[str], None] = None
-    n: Optional[int] = Field(None, ge=1, le=1)
 
 
-class OAICompletionRequest(_Loose):
-    model: Optional[str] = None
+class OAICompletionRequest(_OAIRequest):
     prompt: Union[str, list[str]]
-    stream: bool = False
-    stream_options: Optional[dict] = None
     max_tokens: Optional[int] = Field(16, ge=1)
-    temperature: Optional[float] = Field(None, ge=0)
-    top_p: Optional[float] = Field(None, gt=0, le=1)
-    top_k: Optional[int] = Field(None, ge=0)
-    seed: Optional[int] = None
-    stop: Union[str, list[str], None] = None
-    n: Optional[int] = Field(None, ge=1, le=1)
 
 
 class AnthMessage(_Loose):
