@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Union
 
 import mlx.core as mx
+import numpy as np
 
 Mask = Union[None, str, mx.array]
 Stored = Union[mx.array, tuple]  # a float array, or (packed, scales, biases) when quantized
@@ -171,6 +172,14 @@ class SlidingKVCache(_Quantizer):
         end = self.offset + T
         if self._in_place(T) and end <= self.capacity and end <= self.window:
             return None if T == 1 else "causal"
+        if self._in_place(T):
+            # Decode and short verify steps: build the small [T, <= capacity] mask on the host,
+            # one constant array instead of ~18 graph nodes per step.
+            C = self.capacity
+            s = np.arange(min(end, C))
+            k = s + C * ((end - 1 - s) // C)
+            q = np.arange(self.offset, end)[:, None]
+            return mx.array((k <= q) & (k > q - self.window))
         q = mx.arange(self.offset, end)
         return window_mask(q, self._layout_positions(T), self.window)
 

@@ -363,7 +363,9 @@ def ar_tokens(
             logits = proc(hist, logits)
         return sample(probs(logits, params), next_key()).astype(mx.int32)
 
-    last = prompt.size - ((prompt.size - 1) % prefill_step + 1)
+    # All but the last token go through the trunk with only the cache evaluated, so no position but
+    # the last runs the final layer's FFN (no cache needs it), as in mlx-lm; the last token gives the logits.
+    last = prompt.size - 1
     prefill(model, cache, prompt[:last], prefill_step)
     y = pick(last_logits(model, prompt[last:][None], cache), history)
     mx.async_eval(y)

@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import mlx.core as mx
 import mlx.nn as nn
 
 
+@partial(mx.compile, shapeless=True)
+def _swiglu(gate: mx.array, up: mx.array) -> mx.array:
+    return nn.silu(gate) * up
+
+
+@partial(mx.compile, shapeless=True)
+def _clamped_swiglu(gate: mx.array, up: mx.array, limit: float) -> mx.array:
+    return mx.minimum(nn.silu(gate), limit) * mx.clip(up, -limit, limit)
+
+
 def clamped_swiglu(gate: mx.array, up: mx.array, limit: float) -> mx.array:
-    """``silu(gate) * up``; with ``limit > 0``, silu(gate) is clamped from above and up to [-limit, limit]."""
-    act = nn.silu(gate)
-    if limit > 0:
-        act = mx.minimum(act, limit)
-        up = mx.clip(up, -limit, limit)
-    return act * up
+    """``silu(gate) * up``; with ``limit > 0``, silu(gate) is clamped from above and up to [-limit, limit].
+
+    Compiled (shapeless, as mlx-lm does): one fused node instead of 2-5 per call.
+    """
+    return _clamped_swiglu(gate, up, limit) if limit > 0 else _swiglu(gate, up)
 
 
 class MLP(nn.Module):

@@ -71,6 +71,22 @@ def _sort_by_expert(x: mx.array, indices: mx.array) -> tuple[mx.array, mx.array,
     return x.flatten(0, -3)[order // k], flat[order], inverse
 
 
+@mx.compile
+def _select_experts(logits: mx.array, bias: mx.array, top_k: int, scaling: float, renormalize: bool):
+    """Sigmoid scores, top-k by biased score, unbiased weights renormalised and scaled (float32).
+
+    Compiled, like mlx-lm's ``moe_gate_select``: the element-wise steps fuse (~7 fewer graph
+    nodes per MoE layer and step). Not shapeless: retraced once per new token count.
+    """
+    scores = mx.sigmoid(logits.astype(mx.float32))
+    biased = scores + bias.astype(mx.float32)
+    idx = mx.argpartition(-biased, kth=top_k - 1, axis=-1)[..., :top_k]
+    w = mx.take_along_axis(scores, idx, axis=-1)
+    if renormalize:
+        w = w / (w.sum(axis=-1, keepdims=True) + 1e-20)
+    return idx, w * scaling
+
+
 class MoE(nn.Module):
     """Router (``gate``, ``router_bias``) and fused routed experts; HF keys ``model.layers.N.moe.*``."""
 
@@ -91,14 +107,8 @@ class MoE(nn.Module):
 
     def route(self, x: mx.array) -> tuple[mx.array, mx.array]:
         """Top-k expert ids by biased sigmoid score, and their unbiased, renormalised, scaled weights (float32)."""
-        logits = self.gate(x.astype(mx.float32)).astype(mx.float32)
-        scores = mx.sigmoid(logits)
-        biased = scores + self.router_bias.astype(mx.float32)
-        idx = mx.argpartition(-biased, kth=self.top_k - 1, axis=-1)[..., : self.top_k]
-        w = mx.take_along_axis(scores, idx, axis=-1)
-        if self.renormalize:
-            w = w / (w.sum(axis=-1, keepdims=True) + 1e-20)
-        return idx, w * self.scaling_factor
+        logits = self.gate(x.astype(mx.float32))
+        return _select_experts(logits, self.router_bias, self.top_k, self.scaling_factor, self.renormalize)
 
     def experts(self, x: mx.array, indices: mx.array) -> mx.array:
         """Outputs of the selected experts, ``[..., k, hidden]``."""
