@@ -9,6 +9,8 @@ from step35_mlx.costs import nbytes
 from step35_mlx.loader import load_model
 from step35_mlx.synthetic import tiny_config, write_hf_checkpoint
 
+from conftest import rel_err
+
 
 def test_load_model_without_mtp_reads_no_mtp_tensors(tmp_path):
     write_hf_checkpoint(tmp_path / "m", tiny_config())
@@ -45,9 +47,13 @@ def test_quantized_prefill_dequantizes_and_matches(tmp_path):
     cfg = tiny_config(num_layers=4, full_layers={0, 3}, sliding_window=8, head_dim=64, hidden_size=128)
     write_hf_checkpoint(tmp_path / "m", cfg, seed=5)
     m = load_model(tmp_path / "m", dtype=mx.float32)
-    toks = mx.random.randint(0, 256, (1, 70))
+    toks = mx.random.randint(0, 256, (1, 70), key=mx.random.key(0))
+    exact = m(toks)
     for bits in (8, 4):
         chunked, rows = m.make_cache(kv_bits=bits), m.make_cache(kv_bits=bits)
         a = m(toks, cache=chunked)  # 70 rows: dequantize + fused kernel
         b = mx.concatenate([m(toks[:, i:i + 1], cache=rows) for i in range(70)], axis=1)  # quantized matmuls
-        assert mx.allclose(a, b, atol=2e-3, rtol=2e-3).item()
+        # Same quantized K/V either way; float reordering can flip a quantization code downstream,
+        # so the paths agree within a small fraction of the quantization error itself.
+        q_err = rel_err(b, exact)
+        assert 0 < q_err and rel_err(a, b) <= 0.05 * q_err, (bits, rel_err(a, b), q_err)
