@@ -19,22 +19,10 @@ from pathlib import Path
 import numpy as np
 
 from step35_mlx.data import CHAT_TEMPLATE
+from step35_mlx.demo.corpus import SPECIAL_TOKENS
 from step35_mlx.synthetic import random_hf_weights, tiny_config, write_hf_checkpoint
 
-SPECIAL_TOKENS = [
-    "<|begin_of_sentence|>",  # 0 bos
-    "<|end_of_sentence|>",  # 1 eos
-    "<|endoftext|>",  # 2 eos
-    "<|im_start|>",  # 3
-    "<|im_end|>",  # 4 eos
-    "<think>",
-    "</think>",
-    "<tool_call>",
-    "</tool_call>",
-    "<tool_response>",
-    "</tool_response>",
-    "<im_patch>",
-]
+# The demo model's special-token order: bos 0, eos 1 / 2 / 4 (<|im_end|>).
 EOS_IDS = [1, 2, 4]
 VOCAB = 384  # embedding rows; >= the tokenizer size
 
