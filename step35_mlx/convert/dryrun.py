@@ -35,61 +35,10 @@ def headroom(context: int = HEADROOM_CONTEXT) -> int:
 
 
 def step3p5_flash_config() -> dict:
-    """The released ``stepfun-ai/Step-3.5-Flash`` config.json (same values, rebuilt from its patterns)."""
-    n = 48
-    full = [i % 4 == 0 for i in range(n)]
-    return {
-        "architectures": ["Step3p5ForCausalLM"],
-        "model_type": "step3p5",
-        "auto_map": {
-            "AutoConfig": "configuration_step3p5.Step3p5Config",
-            "AutoModelForCausalLM": "modeling_step3p5.Step3p5ForCausalLM",
-        },
-        "rope_scaling": {"rope_type": "llama3", "factor": 2.0, "original_max_position_embeddings": 131072,
-                         "low_freq_factor": 1.0, "high_freq_factor": 32.0},
-        "yarn_only_types": ["full_attention"],
-        "hidden_size": 4096,
-        "intermediate_size": 11264,
-        "num_hidden_layers": 45,
-        "max_seq_len": 262144,
-        "vocab_size": 128896,
-        "torch_dtype": "bfloat16",
-        "use_qk_norm": True,
-        "moe_layers_enum": ",".join(str(i) for i in range(3, 45)),
-        "num_attention_heads": 64,
-        "num_attention_groups": 8,
-        "head_dim": 128,
-        "use_moe": True,
-        "moe_num_experts": 288,
-        "moe_top_k": 8,
-        "moe_intermediate_size": 1280,
-        "share_expert_dim": 1280,
-        "moe_layer_offset": 0,
-        "moe_every_n_layer": 1,
-        "norm_expert_weight": True,
-        "moe_router_activation": "sigmoid",
-        "moe_router_scaling_factor": 3.0,
-        "att_impl_type": "GQA",
-        "tie_word_embeddings": False,
-        "rope_theta": [5000000.0 if f else 10000.0 for f in full],
-        "use_head_wise_attn_gate": True,
-        "sliding_window": 512,
-        "use_moe_router_bias": True,
-        "need_fp32_gate": True,
-        "sink": False,
-        "layer_types": ["full_attention" if f else "sliding_attention" for f in full],
-        "use_rope_layers": [],
-        "num_nextn_predict_layers": 3,
-        "partial_rotary_factors": [0.5 if f else 1.0 for f in full],
-        "eos_token_id": [1, 2, 128007],
-        "bos_token_id": 0,
-        "attention_other_setting": {"attention_type": "sliding_attention", "num_attention_heads": 96,
-                                    "num_attention_groups": 8, "head_dim": 128, "true_head_dim": 128},
-        "swiglu_limits": [7 if i in (43, 44) else 0.0 for i in range(n)],
-        "swiglu_limits_shared": [16 if i == 44 else 0.0 for i in range(n)],
-        "zero_centered": True,
-        "max_position_embeddings": 262144,
-    }
+    """The released ``stepfun-ai/Step-3.5-Flash`` config.json (the copy bundled in ``step35_mlx.data``)."""
+    from ..data import release_config
+
+    return release_config()
 
 
 @dataclass
