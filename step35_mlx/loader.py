@@ -20,6 +20,7 @@ from mlx.utils import tree_flatten
 
 from .config import ModelConfig
 from .model import Model
+from .vision.loading import attach_vision, split_vision
 
 INDEX_FILE = "model.safetensors.index.json"
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
@@ -152,14 +153,16 @@ def _cast(weights: dict[str, mx.array], dtype: mx.Dtype | None) -> dict[str, mx.
     return out
 
 
-def load_model(path: str | Path, dtype: mx.Dtype | None = None, *, mtp: bool = True) -> Model:
+def load_model(path: str | Path, dtype: mx.Dtype | None = None, *, mtp: bool = True,
+               vision: bool = True) -> Model:
     """Build the model from ``config.json`` and load every tensor (trunk, head and MTP layers).
 
     ``dtype`` casts floating weights (quantization scales and biases included), which sets
     the activation dtype. ``None`` keeps the checkpoint's (bf16) on a GPU and uses float32 on
     the CPU device, where MLX's bf16 kernels run about 10x slower. Norms, the router and
     ``router_bias`` stay float32. ``mtp=False`` leaves the MTP modules out (their tensors
-    are never read), saving their memory. Raises ``CheckpointError`` naming any missing,
+    are never read), saving their memory. A Step 3.7 checkpoint's vision tower becomes
+    ``model.vision`` unless ``vision=False`` (its tensors are then skipped). Raises ``CheckpointError`` naming any missing,
     unexpected or wrongly shaped tensor.
     """
     path = Path(path)
@@ -176,12 +179,15 @@ def load_model(path: str | Path, dtype: mx.Dtype | None = None, *, mtp: bool = T
             f"{path} is an mlx-lm conversion (experts under 'switch_mlp', norms pre-shifted, MTP dropped); "
             "convert the original Hugging Face checkpoint with `step35-mlx convert` instead"
         )
+    raw, vision_weights = split_vision(raw)
     weights: dict[str, mx.array] = {}
     for k, v in raw.items():
         name = hf_to_internal(k, config.num_hidden_layers)
         if name is not None and (mtp or not name.startswith("model.mtp.")):
             weights[name] = v
     model = Model(config)
+    if vision and attach_vision(model, config.raw, vision_weights):
+        weights.update(vision_weights)
     quant = config.raw.get("quantization")
     if quant:
         nn.quantize(

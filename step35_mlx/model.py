@@ -155,11 +155,15 @@ class Model(nn.Module):
                 masks.append(cache[kinds.index(sliding)].make_mask(T))
         return masks[0], masks[1]
 
-    def forward_hidden(self, tokens: mx.array, cache: list | None = None) -> mx.array:
-        """Run the trunk on ``tokens`` ``[B, T]``; returns the hidden state before the final norm."""
+    def forward_hidden(self, tokens: mx.array, cache: list | None = None,
+                       input_embeddings: mx.array | None = None) -> mx.array:
+        """Run the trunk on ``tokens`` ``[B, T]``; returns the hidden state before the final norm.
+
+        ``input_embeddings`` ``[B, T, H]`` replaces the token embeddings (e.g. with image features merged in).
+        """
         if cache is not None and len(cache) != len(self.layers):
             raise ValueError(f"cache has {len(cache)} entries; the model has {len(self.layers)} layers")
-        h = self.model.embed_tokens(tokens)
+        h = self.model.embed_tokens(tokens) if input_embeddings is None else input_embeddings
         full_mask, sliding_mask = self._masks(tokens.shape[1], cache)
         for i, layer in enumerate(self.layers):
             h = layer(h, sliding_mask if layer.is_sliding else full_mask, cache[i] if cache else None)
@@ -169,8 +173,9 @@ class Model(nn.Module):
         """Final norm + LM head on a pre-norm hidden state."""
         return self.lm_head(self.model.norm(hidden))
 
-    def __call__(self, tokens: mx.array, cache: list | None = None) -> mx.array:
-        return self.logits(self.forward_hidden(tokens, cache))
+    def __call__(self, tokens: mx.array, cache: list | None = None,
+                 input_embeddings: mx.array | None = None) -> mx.array:
+        return self.logits(self.forward_hidden(tokens, cache, input_embeddings))
 
     # ---- multi-token prediction -------------------------------------------------------
 

@@ -1,0 +1,1 @@
+"""Step 3.7 Flash vision: preprocessing, Perception Encoder, projector and image prompts."""
