@@ -66,8 +66,8 @@ def test_crop_grid_and_token_count_match_transformers(processed):
     assert len(expansion(processed[(3024, 3024)], TOKENS, 169, 81)) == 3164
 
 
-def test_pixels_match_transformers_within_resampling_rounding(processed):
-    """Global views within one 8-bit level; crops (two chained uint8 resizes there) within two, >= 99% exact to one."""
+def test_pixels_match_transformers_within_one_level(processed):
+    """Every 16th pixel of the global view and of the first and last crop within one 8-bit level."""
     g = np.load(DATA / "vision_processor.npz")
     for (w, h), img in processed.items():
         key = f"{w}x{h}"
@@ -76,7 +76,7 @@ def test_pixels_match_transformers_within_resampling_rounding(processed):
         if img.num_crops:
             for name, crop in (("/crop_first", img.crops[0]), ("/crop_last", img.crops[-1])):
                 d = np.abs(levels(crop) - g[key + name])
-                assert d.max() <= 2 and (d <= 1).mean() >= 0.99, (key, name, d.max(), (d <= 1).mean())
+                assert d.max() <= 1, (key, name, d.max())
 
 
 def test_processor_plan_rules():

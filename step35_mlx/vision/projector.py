@@ -1,7 +1,8 @@
 """Vision-to-text projector: two 3x3 stride-2 convolutions (no activation between) and a linear map.
 
-The convolutions run as im2col + ``nn.Linear`` (weights ``[out, 3 * 3 * in]`` in
-``(kh, kw, in)`` order), so ``nn.quantize`` can quantize them like any other linear layer.
+The convolutions run as im2col + ``nn.Linear`` with weights ``[out, in * 3 * 3]``: the
+checkpoint's ``[out, in, 3, 3]`` reshaped, no transpose, so ``nn.quantize`` treats them like
+any other linear layer and the converter copies them as they are.
 """
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ from .config import VisionConfig
 
 
 def im2col_3x3_s2(x: mx.array) -> mx.array:
-    """``[B, H, W, C]`` -> ``[B, ceil(H/2), ceil(W/2), 9 * C]``: the 3x3 windows of a stride-2, pad-1 conv."""
+    """``[B, H, W, C]`` -> ``[B, ceil(H/2), ceil(W/2), C * 9]``: 3x3 windows of a stride-2, pad-1 conv, ``(c, kh, kw)`` order."""
     B, H, W, C = x.shape
     Ho, Wo = (H + 1) // 2, (W + 1) // 2
     x = mx.pad(x, [(0, 0), (1, 2 * Ho - H), (1, 2 * Wo - W), (0, 0)])
     taps = [x[:, i : i + 2 * Ho - 1 : 2, j : j + 2 * Wo - 1 : 2, :] for i in range(3) for j in range(3)]
-    return mx.concatenate(taps, axis=-1)
+    return mx.stack(taps, axis=-1).reshape(B, Ho, Wo, C * 9)
 
 
 class StridedConv(nn.Module):

@@ -109,14 +109,18 @@ def write_step3p7_checkpoint(path: str | Path, config: dict, *, seed: int = 0,
 
 
 def sample_image(width: int, height: int, seed: int = 0) -> Image.Image:
-    """A deterministic RGB test picture: smooth gradients plus mild noise (NumPy's PCG64, platform-stable)."""
+    """A deterministic RGB test picture: smooth gradients plus a tiled 61x67 noise patch (NumPy's PCG64)."""
     from PIL import Image
 
-    y, x = np.mgrid[0:height, 0:width].astype(np.float64)
-    base = np.stack([x / max(width - 1, 1), y / max(height - 1, 1),
-                     0.5 + 0.5 * np.sin((x + 2 * y) / 17.0)], axis=-1) * 255.0
-    noise = np.random.default_rng(seed).integers(-24, 25, size=base.shape)
-    return Image.fromarray(np.clip(np.rint(base) + noise, 0, 255).astype(np.uint8))
+    y = np.arange(height, dtype=np.float32)[:, None]
+    x = np.arange(width, dtype=np.float32)[None, :]
+    base = np.empty((height, width, 3), np.float32)
+    base[..., 0] = x * (255.0 / max(width - 1, 1))
+    base[..., 1] = y * (255.0 / max(height - 1, 1))
+    base[..., 2] = 127.5 + 127.5 * np.sin((x + 2 * y) / 17.0)
+    noise = np.random.default_rng(seed).integers(-24, 25, size=(61, 67, 3)).astype(np.float32)
+    base += np.tile(noise, (height // 61 + 1, width // 67 + 1, 1))[:height, :width]
+    return Image.fromarray(np.clip(np.rint(base), 0, 255).astype(np.uint8))
 
 
 def synthetic_pixels(n: int, side: int, seed: int) -> np.ndarray:

@@ -4,8 +4,8 @@ Raw keys live under ``vision_model.`` or ``model.vision_model.`` (projector
 ``vit_large_projector.weight``, possibly under ``model.``). The mapping is idempotent:
 names already under ``vision.`` (our converted folders) pass through unchanged.
 Layout changes: the patch convolution ``[D, 3, 14, 14]`` becomes a linear ``[D, 588]``;
-the 3x3 downsampler convolutions ``[out, in, 3, 3]`` become linears ``[out, 9 * in]`` in
-``(kh, kw, in)`` order. q/k rows keep the checkpoint's interleaved RoPE order.
+the 3x3 downsampler convolutions ``[out, in, 3, 3]`` become linears ``[out, in * 9]``. Both
+are plain reshapes (same bytes). q/k rows keep the checkpoint's interleaved RoPE order.
 """
 
 from __future__ import annotations
@@ -38,19 +38,20 @@ def is_vision_key(key: str) -> bool:
 
 def to_internal(key: str, value: mx.array) -> tuple[str, mx.array]:
     """``(name, tensor)`` in the MLX tower's naming and layout for one vision checkpoint tensor."""
+    name = internal_name(key)
+    if value.ndim == 4:
+        value = value.reshape(value.shape[0], -1)
+    return name, value
+
+
+def internal_name(key: str) -> str:
+    """The internal name of a vision checkpoint key (no tensor needed)."""
     if key.startswith(INTERNAL_PREFIX):
-        return key, value
+        return key
     if key in PROJECTOR_KEYS:
-        return INTERNAL_PREFIX + "projector.proj.weight", value
+        return INTERNAL_PREFIX + "projector.proj.weight"
     rest = next(key[len(p):] for p in ENCODER_PREFIXES if key.startswith(p))
     for pattern, repl in _RENAMES:
         if pattern.match(rest):
-            name = pattern.sub(repl, rest)
-            break
-    else:
-        raise KeyError(f"unknown vision tensor {key}")
-    if name == "encoder.patch_embed.weight" and value.ndim == 4:
-        value = value.reshape(value.shape[0], -1)
-    elif name.startswith("projector.down") and name.endswith(".weight") and value.ndim == 4:
-        value = value.transpose(0, 2, 3, 1).reshape(value.shape[0], -1)
-    return INTERNAL_PREFIX + name, value
+            return INTERNAL_PREFIX + pattern.sub(repl, rest)
+    raise KeyError(f"unknown vision tensor {key}")
