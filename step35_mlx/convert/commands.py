@@ -136,6 +136,11 @@ def convert_cmd(
                                          help="Named recipe: q8, q6, q4, q3-mixed, q2-mixed (default q4).",
                                          show_default=False),
     keep_mtp: bool = typer.Option(True, "--keep-mtp/--drop-mtp", help="Keep the 3 MTP modules (speculative heads)."),
+    vision: bool = typer.Option(True, "--vision/--no-vision",
+                                help="Step 3.7: convert the vision tower (kept bf16) or leave it out."),
+    vision_bits: Optional[int] = typer.Option(None, "--vision-bits",
+                                              help="Step 3.7: quantize the vision tower to 8 or 4 bits (default: "
+                                                   "bf16).", show_default=False),
     shard_size: str = typer.Option("5GB", "--shard-size", help="Maximum output shard size, e.g. 5GB, 2GiB."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print output sizes per recipe and which Macs they fit; "
                                                           "convert nothing."),
@@ -144,7 +149,7 @@ def convert_cmd(
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
-    from ..quant.recipes import plan_sizes
+    from ..quant.recipes import plan_sizes, with_vision_bits
     from .download import resolve_source
     from .dryrun import step3p5_flash_config
     from .quantize import convert_checkpoint, parse_size
@@ -153,6 +158,8 @@ def convert_cmd(
     console = _console()
     try:
         the_recipe = _pick_recipe(recipe, bits, group_size)
+        if vision_bits is not None:
+            the_recipe = with_vision_bits(the_recipe, vision_bits)
         size = parse_size(shard_size)
         if dry_run:
             _dry_run(source, the_recipe, keep_mtp, size)
@@ -165,7 +172,7 @@ def convert_cmd(
         resolved = resolve_source(source, revision=revision, local_dir=download_dir, log=console.print,
                                   progress=not quiet, reserve=(out_dir, estimate))
         result = convert_checkpoint(resolved.path, out_dir, recipe=the_recipe, keep_mtp=keep_mtp,
-                                    shard_size=size, label=resolved.label, progress=not quiet,
+                                    keep_vision=vision, shard_size=size, label=resolved.label, progress=not quiet,
                                     log=console.print)
     except (ConvertError, ValueError, FileNotFoundError) as e:
         _fail(str(e))

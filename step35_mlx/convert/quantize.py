@@ -113,7 +113,7 @@ def quantization_block(items: list[PlanItem], recipe: Recipe) -> dict:
     """The config's ``quantization`` block: global spec, then an entry for each module that differs."""
     block: dict = {"group_size": recipe.default.group_size, "bits": recipe.default.bits, "mode": "affine"}
     for it in sorted(items, key=lambda it: _natural(it.src.name)):
-        name, shape = it.src.name, it.src.shape
+        name, shape = it.src.name, it.src.model_shape
         if not name.endswith(".weight") or len(shape) < 2:
             continue
         path = name[: -len(".weight")]
@@ -131,6 +131,8 @@ def output_config(source: SourceCheckpoint, recipe: Recipe, keep_mtp: bool, quan
     text.pop("quantization_config", None)
     if not keep_mtp:
         text["num_nextn_predict_layers"] = 0
+    if not source.has_vision:
+        cfg.pop("vision_config", None)
     cfg["quantization"] = quant
     cfg["step35_mlx"] = {
         "format": FORMAT_VERSION,
@@ -152,8 +154,8 @@ def make_plan(source: SourceCheckpoint, recipe: Recipe | str = DEFAULT_RECIPE, *
         raise ConvertError("--shard-size must be positive")
     items = []
     for t in source.tensors:
-        spec = effective_spec(recipe.spec_for(t.name), t.shape)
-        outs = output_tensors(t.name, t.shape, t.dtype, spec)
+        spec = effective_spec(recipe.spec_for(t.name), t.model_shape)
+        outs = output_tensors(t.name, t.model_shape, t.dtype, spec)
         items.append(PlanItem(t, spec, outs, tensor_bytes(outs)))
 
     groups: list[list[PlanItem]] = []
@@ -188,6 +190,7 @@ def make_plan(source: SourceCheckpoint, recipe: Recipe | str = DEFAULT_RECIPE, *
         "format": FORMAT_VERSION,
         "recipe": recipe.fingerprint(),
         "keep_mtp": keep_mtp,
+        "keep_vision": source.has_vision,
         "shard_size": shard_size,
         "label": label,
         "source": source.fingerprint(),
@@ -249,6 +252,8 @@ def _write_item(writer: ShardWriter, it: PlanItem, chunk_elems: int, on_bytes: C
     for r0 in range(0, n_rows, step):
         r1 = min(n_rows, r0 + step)
         x = t.read(r0, r1)
+        if t.model_shape != t.shape:
+            x = x.reshape(r1 - r0, *t.model_shape[1:])
         if it.spec is None:
             parts = [x]
         else:
@@ -341,6 +346,7 @@ def convert_checkpoint(
     *,
     recipe: Recipe | str = DEFAULT_RECIPE,
     keep_mtp: bool = True,
+    keep_vision: bool = True,
     shard_size: int = DEFAULT_SHARD_SIZE,
     label: str | None = None,
     progress: bool = True,
@@ -352,11 +358,13 @@ def convert_checkpoint(
 
     ``hook(event, **info)`` is called after every tensor written into a shard (``"chunk"``,
     with ``shard`` and ``tensor``) and after every committed shard (``"shard_done"``, with
-    ``shard``, 1-based); tests use it to simulate a crash. Raises ``ConvertError`` for user-facing
+    ``shard``, 1-based); tests use it to simulate a crash. A Step 3.7 vision tower is converted
+    (kept float unless the recipe sets ``vision``) unless ``keep_vision`` is false. Raises ``ConvertError`` for user-facing
     problems (bad source, non-empty or foreign output folder, not enough disk).
     """
     log = log or (lambda msg: None)
-    src = source if isinstance(source, SourceCheckpoint) else SourceCheckpoint(Path(source), keep_mtp=keep_mtp)
+    src = (source if isinstance(source, SourceCheckpoint)
+           else SourceCheckpoint(Path(source), keep_mtp=keep_mtp, keep_vision=keep_vision))
     plan = make_plan(src, recipe, shard_size=shard_size, label=label)
     out = Path(out)
     prior, complete = _check_out_dir(out, plan)

@@ -34,6 +34,8 @@ import numpy as np
 
 from ..config import ModelConfig, text_config
 from ..loader import INDEX_FILE, hf_to_internal
+from ..vision.weights import internal_name as vision_internal_name
+from ..vision.weights import is_vision_key
 from .safetensors_io import FLOAT_DTYPES, SafetensorsError, SafetensorsFile, TensorInfo
 
 FP8_NOTES = """\
@@ -89,10 +91,16 @@ class SourceTensor:
     scale_file: SafetensorsFile | None = None
     scale: TensorInfo | None = None  # fp8 companion (weight_scale_inv or weight_scale)
     block: tuple[int, int] | None = None  # fp8 block size over the last two axes; None = broadcast scale
+    out_shape: tuple[int, ...] | None = None  # shape in the model when it differs (vision convs: a reshape)
 
     @property
     def shape(self) -> tuple[int, ...]:
         return self.info.shape
+
+    @property
+    def model_shape(self) -> tuple[int, ...]:
+        """Shape the model stores: the source shape, or the 2-D reshape of a vision convolution."""
+        return self.out_shape or self.info.shape
 
     @property
     def dtype(self) -> str:
@@ -170,7 +178,7 @@ def _describe_quant(qc: dict) -> str:
 class SourceCheckpoint:
     """A validated Hugging Face checkpoint folder; ``tensors`` are in file order, then offset order."""
 
-    def __init__(self, path: str | Path, keep_mtp: bool = True):
+    def __init__(self, path: str | Path, keep_mtp: bool = True, keep_vision: bool = True):
         self.path = Path(path)
         if not self.path.is_dir():
             raise ConvertError(f"folder not found: {self.path}")
@@ -212,6 +220,7 @@ class SourceCheckpoint:
                     raise ConvertError(f"quantization_config.weight_block_size must be two positive ints, got {block!r}")
                 self.fp8_block = (block[0], block[1])
         self.keep_mtp = keep_mtp
+        self.keep_vision = keep_vision
         self.files = self._open_shards()
         self.tensors = self._collect()
 
@@ -280,7 +289,8 @@ class SourceCheckpoint:
                 "convert from the original Hugging Face release instead"
             )
 
-        expected = dict(expected_tensors(self.model_config, mtp=self.keep_mtp))
+        self.has_vision = self.keep_vision and any(is_vision_key(k) for k in located)
+        expected = dict(expected_tensors(self.model_config, mtp=self.keep_mtp, vision=self.has_vision))
         out: list[SourceTensor] = []
         seen: dict[str, str] = {}
         unexpected = []
@@ -288,9 +298,14 @@ class SourceCheckpoint:
             for key, info in sorted(f.tensors.items(), key=lambda kv: kv[1].begin):
                 if _COMPANION.search(key):
                     continue
-                name = hf_to_internal(key, n_trunk)
+                if is_vision_key(key):
+                    if not self.has_vision:
+                        continue  # --no-vision
+                    name = vision_internal_name(key)
+                else:
+                    name = hf_to_internal(key, n_trunk)
                 if name is None:
-                    continue  # vision tower of a Step 3.7 checkpoint
+                    continue
                 if name.startswith("model.mtp.") and not self.keep_mtp:
                     continue
                 if name not in expected:
@@ -299,11 +314,14 @@ class SourceCheckpoint:
                 if name in seen:
                     raise ConvertError(f"tensors {seen[name]} and {key} both map to {name}")
                 seen[name] = key
-                if tuple(info.shape) != tuple(expected[name]):
+                out_shape = tuple(expected[name])
+                if tuple(info.shape) != out_shape and not (
+                        name.startswith("vision.") and len(info.shape) == 4
+                        and (info.shape[0], int(np.prod(info.shape[1:]))) == out_shape):
                     raise ConvertError(
                         f"tensor {key} has shape {list(info.shape)}, but config.json implies {list(expected[name])}"
                     )
-                t = SourceTensor(key, name, f, info)
+                t = SourceTensor(key, name, f, info, out_shape=out_shape)
                 self._attach_scale(t, located)
                 out.append(t)
         if unexpected:

@@ -37,6 +37,7 @@ class VerifyReport:
     num_shards: int = 0
     data_bytes: int = 0
     quantized_modules: int = 0
+    vision_tensors: int = 0
     recipe: str | None = None
 
     @property
@@ -48,6 +49,7 @@ class VerifyReport:
             f"{self.path}: {self.num_tensors} tensors in {self.num_shards} shard(s), "
             f"{self.data_bytes / 1e9:.2f} GB, {self.quantized_modules} quantized modules"
             + (f", recipe {self.recipe}" if self.recipe else "")
+            + (f", vision tower {self.vision_tensors} tensors" if self.vision_tensors else "")
         )
         lines = [head]
         lines += [f"problem: {p}" for p in self.problems]
@@ -68,6 +70,8 @@ def verify(path: str | Path) -> VerifyReport:
 
     from ..config import ModelConfig
     from ..model import Model
+    from ..vision.config import VisionConfig
+    from ..vision.tower import VisionTower
 
     path = Path(path)
     rep = VerifyReport(path)
@@ -153,6 +157,10 @@ def verify(path: str | Path) -> VerifyReport:
             weights[name] = v
     rep.num_tensors = len(weights)
     model = Model(config)
+    vcfg = VisionConfig.from_config(config.raw)
+    if vcfg is not None:
+        model.vision = VisionTower(vcfg)
+    rep.vision_tensors = sum(1 for k in weights if k.startswith("vision."))
     quant = config.raw.get("quantization")
     if quant:
         try:

@@ -89,13 +89,15 @@ KINDS = (
 )
 # Kinds a recipe may set (norms and router_bias are always float).
 SETTABLE = ("embed", "lm_head", "attention", "dense_mlp", "routed_experts", "shared_experts",
-            "router", "mtp", "mtp_head")
+            "router", "mtp", "mtp_head", "vision")
 
 _MTP = re.compile(r"^model\.mtp\.\d+\.")
 
 
 def classify(name: str) -> tuple[str, str]:
-    """``(group, kind)`` of an internal tensor name; group is ``"trunk"`` or ``"mtp"``."""
+    """``(group, kind)`` of an internal tensor name; group is ``"trunk"``, ``"mtp"`` or ``"vision"``."""
+    if name.startswith("vision."):
+        return "vision", "vision"
     group = "mtp" if _MTP.match(name) else "trunk"
     if name.endswith(".router_bias"):
         return group, "router_bias"
@@ -126,7 +128,8 @@ def classify(name: str) -> tuple[str, str]:
 @dataclass(frozen=True)
 class Recipe:
     """``default`` is the global spec (written as the config's global bits/group size);
-    ``overrides`` maps a settable kind to a spec or ``None`` (keep float)."""
+    ``overrides`` maps a settable kind to a spec or ``None`` (keep float). The vision tower
+    stays float unless ``overrides["vision"]`` sets a spec."""
 
     name: str
     description: str
@@ -138,6 +141,8 @@ class Recipe:
         group, kind = classify(name)
         if kind in ("norm", "router_bias"):
             return None
+        if group == "vision":
+            return self.overrides.get("vision") if name.endswith(".weight") else None
         if group == "mtp":
             if kind == "mtp_head":
                 return self.overrides.get("mtp_head", self.overrides.get("lm_head", self.default))
@@ -213,6 +218,14 @@ RECIPES: dict[str, Recipe] = {
 DEFAULT_RECIPE = "q4"
 
 
+def with_vision_bits(recipe: Recipe, bits: int, group_size: int = 64) -> Recipe:
+    """``recipe`` with the Step 3.7 vision tower quantized to ``bits`` (8 or 4); ``ValueError`` otherwise."""
+    if bits not in (4, 8):
+        raise ValueError(f"--vision-bits must be 8 or 4, got {bits}")
+    return dataclasses.replace(recipe, name=f"{recipe.name}+v{bits}",
+                               overrides={**recipe.overrides, "vision": QuantSpec(bits, group_size)})
+
+
 def get_recipe(name: str) -> Recipe:
     try:
         return RECIPES[name]
@@ -267,11 +280,13 @@ def model_config(config: ModelConfig | dict) -> ModelConfig:
     return config if isinstance(config, ModelConfig) else ModelConfig.from_dict(config)
 
 
-def expected_tensors(config: ModelConfig | dict, mtp: bool = True) -> list[tuple[str, tuple[int, ...]]]:
+def expected_tensors(config: ModelConfig | dict, mtp: bool = True,
+                     vision: bool = True) -> list[tuple[str, tuple[int, ...]]]:
     """``[(internal name, shape)]`` of every parameter of the float model, in model order.
 
     Builds the MLX model lazily (no weights are materialised), so this is cheap even for
-    the full 196B config.
+    the full 196B config. A Step 3.7 config adds its vision tower (``vision.*``) unless
+    ``vision`` is false.
     """
     from mlx.utils import tree_flatten
 
@@ -280,7 +295,15 @@ def expected_tensors(config: ModelConfig | dict, mtp: bool = True) -> list[tuple
     cfg = model_config(config)
     if not mtp and cfg.num_nextn_predict_layers:
         cfg = dataclasses.replace(cfg, num_nextn_predict_layers=0)
-    return [(k, tuple(v.shape)) for k, v in tree_flatten(Model(cfg).parameters())]
+    out = [(k, tuple(v.shape)) for k, v in tree_flatten(Model(cfg).parameters())]
+    if vision:
+        from ..vision.config import VisionConfig
+        from ..vision.tower import VisionTower
+
+        vcfg = VisionConfig.from_config(cfg.raw)
+        if vcfg is not None:
+            out += [("vision." + k, tuple(v.shape)) for k, v in tree_flatten(VisionTower(vcfg).parameters())]
+    return out
 
 
 def source_dtype_for(name: str, default: str = "BF16") -> str:
@@ -289,13 +312,13 @@ def source_dtype_for(name: str, default: str = "BF16") -> str:
 
 
 PART_ORDER = ("embed", "lm_head", "attention", "dense_mlp", "routed_experts", "shared_experts",
-              "router", "router_bias", "norms", "mtp")
+              "router", "router_bias", "norms", "mtp", "vision")
 
 
 def _part(name: str) -> str:
     group, kind = classify(name)
-    if group == "mtp":
-        return "mtp"
+    if group in ("mtp", "vision"):
+        return group
     return "norms" if kind == "norm" else kind
 
 
@@ -307,7 +330,8 @@ def plan_sizes(config: ModelConfig | dict, recipe: Recipe, *, mtp: bool = True,
     Quantized tensors count the packed weight plus one scale and one bias per group in the
     float dtype the source is quantized in (bf16 for the release); float tensors keep their
     source dtype (``router_bias`` float32). Keys: the parts of ``PART_ORDER`` (``mtp`` = all
-    MTP modules with their heads, 0 when ``mtp`` is false), ``trunk`` (everything but MTP),
+    MTP modules with their heads, 0 when ``mtp`` is false; ``vision`` = a Step 3.7 vision
+    tower), ``trunk`` (everything but MTP, vision included),
     ``total``, and ``params`` / ``trunk_params`` (parameter counts).
     """
     sizes = {p: 0 for p in PART_ORDER}
