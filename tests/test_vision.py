@@ -13,19 +13,16 @@ import numpy as np
 import pytest
 
 from step35_mlx.loader import load_model
-from step35_mlx.vision.goldens import (
-    GOLDEN_CONFIG, PROCESSOR_SHAPES, PROMPT_IMAGES, SPECIAL_IDS, logit_rows, prompt_text_ids,
-)
+from step35_mlx.vision.goldens import GOLDEN_CONFIG, PROCESSOR_SHAPES, logit_rows
 from step35_mlx.vision.processor import CLIP_MEAN, CLIP_STD, CropPlan, ImageProcessor, ProcessedImage
-from step35_mlx.vision.prompt import ImageTokens, expand_prompt, expansion, merge_features
+from step35_mlx.vision.prompt import expand_prompt, expansion
 from step35_mlx.vision.synthetic import synthetic_pixels, sample_image, write_step3p7_checkpoint
 
 from vision_reference import reference_image_tokens
+from visionkit import TOKENS, golden_prompt, image_prompt_logits
 
 DATA = Path(__file__).parent / "data"
 STRIDE = 16
-TOKENS = ImageTokens(*(SPECIAL_IDS[m] for m in ("<im_patch>", "<im_start>", "<im_end>", "<patch_start>",
-                                                "<patch_end>", "<patch_newline>")))
 
 
 def rel(a, b) -> float:
@@ -109,27 +106,13 @@ def test_tower_matches_float64_reference(golden_model):
         assert rel(ours, ref) <= 1e-4, side
 
 
-def _golden_prompt():
-    images, ids = [], prompt_text_ids(0)
-    for k, (n_crops, mask) in enumerate(PROMPT_IMAGES):
-        crops = synthetic_pixels(n_crops, 504, seed=20 + k) if n_crops else np.zeros((0, 3, 504, 504), np.float32)
-        cols = 2 if n_crops else 0
-        plan = CropPlan((1008, 1008), (1008, 1008), 504 if n_crops else 0, cols, n_crops // max(cols, 1), False)
-        images.append(ProcessedImage(synthetic_pixels(1, 728, seed=10 + k)[0], crops, plan, f"seeded{k}"))
-        ids += [TOKENS.im_patch] + prompt_text_ids(k + 1)
-    return images, ids
-
-
 def test_two_image_prompt_logits_match_transformers(golden_model):
     model, _ = golden_model
     g = np.load(DATA / "vision_logits.npz")
-    images, template_ids = _golden_prompt()
-    ids = expand_prompt(template_ids, images, TOKENS, 169, 81)
+    images, template_ids = golden_prompt()
+    ids, logits = image_prompt_logits(model, images, template_ids)
     assert ids == g["ids"].tolist()
     tokens = mx.array([ids])
-    feats = mx.concatenate([model.vision.image_features(im) for im in images])
-    emb = merge_features(model.model.embed_tokens(tokens), tokens, feats, model.image_token_id)
-    logits = np.array(model(tokens, input_embeddings=emb))[0]
     rows = g["rows"]
     assert rows.tolist() == logit_rows(len(ids))
     assert rel(logits[rows], g["logits"]) <= 1e-4
@@ -139,6 +122,6 @@ def test_two_image_prompt_logits_match_transformers(golden_model):
 
 
 def test_placeholder_count_mismatch_is_an_error():
-    images, ids = _golden_prompt()
+    images, ids = golden_prompt()
     with pytest.raises(ValueError, match="2 image placeholder"):
         expand_prompt(ids, images[:1], TOKENS, 169, 81)
