@@ -589,7 +589,8 @@ def stream_generate(
     that, with an explicit ``max_tokens``, exceeds the context (``max_context`` or
     the model's ``max_position_embeddings``) raises ``ValueError`` before anything runs.
     ``mtp``/``draft_depth`` select speculative decoding (issue 6); ``kv_bits`` (4 or 8)
-    stores the KV cache quantized.
+    stores the KV cache quantized. Message content parts ``{"type": "image", "image": SOURCE}``
+    (a path, bytes or ``PIL.Image``) feed a Step 3.7 model's vision tower.
     """
     settings = resolve_settings(
         model, tokenizer, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
@@ -599,7 +600,10 @@ def stream_generate(
     )
     ids = encode_prompt(tokenizer, prompt_or_messages, tools)
     cache = new_cache(model, kv_bits, kv_group_size)
-    return run(model, tokenizer, cache, ids, 0, settings, tools=tools)
+    from .vision.inputs import prepare
+
+    model, images = prepare(model, tokenizer, prompt_or_messages, ids)
+    return run(model, tokenizer, cache, images.ids if images else ids, 0, settings, tools=tools)
 
 
 def generate(model: Any, tokenizer: Any, prompt_or_messages: Any, **kwargs: Any) -> str:

@@ -205,7 +205,8 @@ def load_model(path: str | Path, dtype: mx.Dtype | None = None, *, mtp: bool = T
     return model
 
 
-def load(path: str | Path, dtype: mx.Dtype | None = None, *, mtp: bool = True) -> tuple[Model, Any]:
+def load(path: str | Path, dtype: mx.Dtype | None = None, *, mtp: bool = True,
+         vision: bool = True) -> tuple[Model, Any]:
     """``(model, tokenizer)`` from a checkpoint folder with tokenizer files, ``"demo"`` or a Hub repo id.
 
     The tokenizer is mlx-lm's ``TokenizerWrapper`` (streaming detokenizer included),
@@ -216,7 +217,7 @@ def load(path: str | Path, dtype: mx.Dtype | None = None, *, mtp: bool = True) -
     from .hub import resolve_model
 
     path = resolve_model(path) if isinstance(path, str) else Path(path)
-    model = load_model(path, dtype, mtp=mtp)
+    model = load_model(path, dtype, mtp=mtp, vision=vision)
     if not (path / "tokenizer.json").exists() and not (path / "tokenizer.model").exists():
         raise FileNotFoundError(f"{path} has no tokenizer files (tokenizer.json / tokenizer.model)")
     tokenizer = load_tokenizer(path, eos_token_ids=model.config.eos_token_id or None)

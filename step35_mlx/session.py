@@ -40,6 +40,8 @@ from .cache import SlidingKVCache
 from .generate import GenerationChunk, GenerationStats, Settings, new_cache, resolve_settings, run
 from .reasoning import split_reasoning
 from .tool_calls import parse_tool_calls
+from .vision.inputs import FeatureCache, image_sources
+from .vision.inputs import prepare as prepare_images
 
 SESSION_FORMAT = "step35-mlx-session"
 SESSION_VERSION = 1
@@ -135,6 +137,7 @@ class ChatSession:
         self._active: Iterator[GenerationChunk] | None = None  # a reply stream not yet finished
         self.last_stats: GenerationStats | None = None
         self.last_reuse: str = "none"  # where the last turn's cached prefix came from
+        self.image_features = FeatureCache()  # vision features by pixel hash (Step 3.7)
         self._new_cache()
         self.settings()  # validate the defaults now
 
@@ -185,14 +188,20 @@ class ChatSession:
 
     # ------------------------------------------------------------ turns
 
-    def send(self, text: str, **overrides: Any) -> Iterator[GenerationChunk]:
-        """Add a user message and stream the reply. Raises ``ValueError`` up front if it cannot fit the context."""
-        self._finish_active()
-        return self._turn(self.messages + [{"role": "user", "content": text}], overrides)
+    def send(self, text: str, images: Sequence[Any] | None = None, **overrides: Any) -> Iterator[GenerationChunk]:
+        """Add a user message and stream the reply. Raises ``ValueError`` up front if it cannot fit the context.
 
-    def ask(self, text: str, **overrides: Any) -> str:
+        ``images`` (paths, bytes or ``PIL.Image`` s) go before the text, for a Step 3.7 model.
+        """
+        self._finish_active()
+        content: Any = text
+        if images:
+            content = [{"type": "image", "image": im} for im in images] + [{"type": "text", "text": text}]
+        return self._turn(self.messages + [{"role": "user", "content": content}], overrides)
+
+    def ask(self, text: str, images: Sequence[Any] | None = None, **overrides: Any) -> str:
         """``send`` and return the answer (reasoning and tool-call markup excluded)."""
-        for _ in self.send(text, **overrides):
+        for _ in self.send(text, images, **overrides):
             pass
         return self.messages[-1].get("content") or ""
 
@@ -223,21 +232,24 @@ class ChatSession:
     def _turn(self, messages: list[dict], overrides: dict) -> Iterator[GenerationChunk]:
         settings = self.settings(**overrides)
         ids = self.render(messages)
+        model, images = prepare_images(self.model, self.tokenizer, messages, ids, self.image_features)
+        # Prefix reuse compares `keys`: image tokens carry a hash of their image's pixels there.
+        ids, keys = (images.ids, images.keys) if images else (ids, ids)
         settings.budget(len(ids))  # ValueError before anything changes
         self.messages = messages
         first_reply = not any(m.get("role") == "assistant" for m in self._since_last_user())
-        cached = self._reuse(ids)
+        cached = self._reuse(keys)
 
         def on_prefilled() -> None:
             # The cache holds exactly `ids`: keep the sliding rings for the next user turn.
             if first_reply:
                 rings = {i: _RingState.take(c) for i, c in enumerate(self.cache) if isinstance(c, SlidingKVCache)}
                 mx.async_eval([[r.keys, r.values] for r in rings.values()])
-                self._snapshot = _Snapshot(list(ids), rings)
+                self._snapshot = _Snapshot(list(keys), rings)
 
-        chunks = run(self.model, self.tokenizer, self.cache, ids, cached, settings,
+        chunks = run(model, self.tokenizer, self.cache, ids, cached, settings,
                      reasoning=True, tools=self.tools, on_prefilled=on_prefilled)
-        self._active = self._consume(chunks, ids, cached)
+        self._active = self._consume(chunks, keys, cached)
         return self._active
 
     def _finish_active(self) -> None:
@@ -338,6 +350,8 @@ class ChatSession:
     def save(self, path: str | Path) -> Path:
         """Write the session (messages, settings, cache contents and tokens, snapshot) to one safetensors file."""
         self._finish_active()
+        if image_sources(self.messages):
+            raise ValueError("a conversation with images cannot be saved yet")
         path = Path(path)
         arrays: dict[str, mx.array] = {}
         layers = []

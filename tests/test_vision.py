@@ -15,7 +15,8 @@ import pytest
 from step35_mlx.loader import load_model
 from step35_mlx.vision.goldens import GOLDEN_CONFIG, PROCESSOR_SHAPES, logit_rows
 from step35_mlx.vision.processor import CLIP_MEAN, CLIP_STD, CropPlan, ImageProcessor, ProcessedImage
-from step35_mlx.vision.prompt import expand_prompt, expansion
+from step35_mlx.vision.inputs import expand
+from step35_mlx.vision.prompt import expansion
 from step35_mlx.vision.synthetic import synthetic_pixels, sample_image, write_step3p7_checkpoint
 
 from vision_reference import reference_image_tokens
@@ -124,4 +125,4 @@ def test_two_image_prompt_logits_match_transformers(golden_model):
 def test_placeholder_count_mismatch_is_an_error():
     images, ids = golden_prompt()
     with pytest.raises(ValueError, match="2 image placeholder"):
-        expand_prompt(ids, images[:1], TOKENS, 169, 81)
+        expand(ids, images[:1], TOKENS, 169, 81)

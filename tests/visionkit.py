@@ -7,7 +7,8 @@ import numpy as np
 
 from step35_mlx.vision.goldens import PROMPT_IMAGES, SPECIAL_IDS, prompt_text_ids
 from step35_mlx.vision.processor import CropPlan, ProcessedImage
-from step35_mlx.vision.prompt import ImageTokens, expand_prompt, merge_features
+from step35_mlx.vision.inputs import expand
+from step35_mlx.vision.prompt import ImageTokens, merge_features
 from step35_mlx.vision.synthetic import synthetic_pixels
 
 TOKENS = ImageTokens(*(SPECIAL_IDS[m] for m in ("<im_patch>", "<im_start>", "<im_end>", "<patch_start>",
@@ -28,7 +29,7 @@ def golden_prompt() -> tuple[list[ProcessedImage], list[int]]:
 
 def image_prompt_logits(model, images: list[ProcessedImage], template_ids: list[int]) -> tuple[list[int], np.ndarray]:
     """``(expanded ids, logits [T, V])`` of a prompt with images, in one uncached forward."""
-    ids = expand_prompt(template_ids, images, TOKENS, 169, 81)
+    ids = expand(template_ids, images, TOKENS, 169, 81).ids
     tokens = mx.array([ids])
     feats = mx.concatenate([model.vision.image_features(im) for im in images])
     emb = merge_features(model.model.embed_tokens(tokens), tokens, feats, model.image_token_id)

@@ -9,7 +9,7 @@ features fill its ``<im_patch>`` positions in that order. Positions stay 1-D.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import mlx.core as mx
 
@@ -49,20 +49,6 @@ def expansion(image: ProcessedImage, tokens: ImageTokens, global_tokens: int, cr
         if image.newline_after(i):
             out.append(tokens.patch_newline)
     return out + [tokens.im_start] + [tokens.im_patch] * global_tokens + [tokens.im_end]
-
-
-def expand_prompt(ids: Sequence[int], images: Sequence[ProcessedImage], tokens: ImageTokens,
-                  global_tokens: int, crop_tokens: int) -> list[int]:
-    """Replace the k-th ``<im_patch>`` of a rendered prompt with image k's full expansion."""
-    slots = [i for i, t in enumerate(ids) if t == tokens.im_patch]
-    if len(slots) != len(images):
-        raise ValueError(f"the prompt has {len(slots)} image placeholder(s) but {len(images)} image(s) were given")
-    out: list[int] = []
-    start = 0
-    for slot, image in zip(slots, images):
-        out += list(ids[start:slot]) + expansion(image, tokens, global_tokens, crop_tokens)
-        start = slot + 1
-    return out + list(ids[start:])
 
 
 def merge_features(embeddings: mx.array, tokens: mx.array, features: mx.array, image_token_id: int) -> mx.array:

@@ -127,3 +127,34 @@ def synthetic_pixels(n: int, side: int, seed: int) -> np.ndarray:
     """``[n, 3, side, side]`` float32 normalized-pixel stand-ins, reproducible anywhere from ``seed``."""
     rng = np.random.default_rng(seed)
     return rng.standard_normal((n, 3, side, side), dtype=np.float32)
+
+
+IMAGE_MARKERS = ("<im_start>", "<im_end>", "<patch_start>", "<patch_end>", "<patch_newline>")
+
+
+def write_vision_tokenizer(path: str | Path) -> dict[str, int]:
+    """Copy the demo model's tokenizer (it has ``<im_patch>``) into ``path`` and add the other image markers.
+
+    The markers become special added tokens after the demo vocabulary; returns every marker's id.
+    A model using it needs ``vocab_size >= 2048 + 5``.
+    """
+    from ..hub import DEMO_DIR
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tok = json.loads((DEMO_DIR / "tokenizer.json").read_text())
+    next_id = max([a["id"] for a in tok["added_tokens"]] + list(tok["model"]["vocab"].values())) + 1
+    ids = {a["content"]: a["id"] for a in tok["added_tokens"] if a["content"] == "<im_patch>"}
+    cfg = json.loads((DEMO_DIR / "tokenizer_config.json").read_text())
+    for i, marker in enumerate(IMAGE_MARKERS):
+        entry = {"id": next_id + i, "content": marker, "single_word": False, "lstrip": False,
+                 "rstrip": False, "normalized": False, "special": True}
+        tok["added_tokens"].append(entry)
+        if "added_tokens_decoder" in cfg:
+            cfg["added_tokens_decoder"][str(next_id + i)] = {k: v for k, v in entry.items() if k != "id"}
+        ids[marker] = next_id + i
+    (path / "tokenizer.json").write_text(json.dumps(tok, ensure_ascii=False))
+    (path / "tokenizer_config.json").write_text(json.dumps(cfg, ensure_ascii=False, indent=2))
+    for name in ("special_tokens_map.json", "chat_template.jinja"):
+        (path / name).write_bytes((DEMO_DIR / name).read_bytes())
+    return ids
