@@ -217,18 +217,18 @@ def load(path: str | Path, dtype: mx.Dtype | None = None, *, mtp: bool = True,
     if not (path / "tokenizer.json").exists() and not (path / "tokenizer.model").exists():
         raise FileNotFoundError(f"{path} has no tokenizer files (tokenizer.json / tokenizer.model)")
     tokenizer = load_tokenizer(path, eos_token_ids=model.config.eos_token_id or None)
-    check_tokenizer(tokenizer, model.config.vocab_size, path)
+    check_tokenizer(tokenizer, model.config.vocab_size)
     return model, tokenizer
 
 
-def check_tokenizer(tokenizer: Any, vocab_size: int, path: Path) -> None:
+def check_tokenizer(tokenizer: Any, vocab_size: int) -> None:
     """``CheckpointError`` when the tokenizer can produce ids the model has no embedding for, or when
     the chat template does not render (a syntax error would otherwise surface at the first message)."""
     ids = tokenizer.get_vocab().values()
     largest = max(ids, default=-1)
     if largest >= vocab_size:
         raise CheckpointError(
-            f"the tokenizer in {path} has token id {largest} but the model's vocab_size is {vocab_size}; "
+            f"the tokenizer has token id {largest} but the model's vocab_size is {vocab_size}; "
             "the tokenizer files belong to another model"
         )
     if getattr(tokenizer, "chat_template", None):
@@ -236,4 +236,4 @@ def check_tokenizer(tokenizer: Any, vocab_size: int, path: Path) -> None:
             tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True)
         except Exception as e:  # noqa: BLE001 - jinja2 raises its own error types
             where = f" (line {e.lineno})" if getattr(e, "lineno", None) else ""
-            raise CheckpointError(f"the chat template in {path} cannot be used{where}: {e}") from None
+            raise CheckpointError(f"the chat template cannot be used{where}: {e}") from None
