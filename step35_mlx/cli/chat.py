@@ -27,6 +27,7 @@ HELP = """\
 /exit            quit (also /quit, Ctrl-D)
 Ctrl-C stops the current answer; the partial answer stays in the conversation."""
 
+
 class _Interrupt:
     """Ctrl-C while an answer streams: the first press asks the loop to stop after the current token;
     a second press (e.g. during a long prefill) interrupts at once."""
