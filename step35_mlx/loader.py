@@ -154,23 +154,24 @@ def _cast(weights: dict[str, mx.array], dtype: mx.Dtype | None) -> dict[str, mx.
 
 
 def load_model(path: str | Path, dtype: mx.Dtype | None = None, *, mtp: bool = True,
-               vision: bool = True) -> Model:
+               config: ModelConfig | None = None, vision: bool = True) -> Model:
     """Build the model from ``config.json`` and load every tensor (trunk, head and MTP layers).
 
     ``dtype`` casts floating weights (quantization scales and biases included), which sets
     the activation dtype. ``None`` keeps the checkpoint's (bf16) on a GPU and uses float32 on
     the CPU device, where MLX's bf16 kernels run about 10x slower. Norms, the router and
     ``router_bias`` stay float32. ``mtp=False`` leaves the MTP modules out (their tensors
-    are never read), saving their memory. A Step 3.7 checkpoint's vision tower becomes
-    ``model.vision`` unless ``vision=False`` (its tensors are then skipped). Raises ``CheckpointError`` naming any missing,
-    unexpected or wrongly shaped tensor.
+    are never read), saving their memory. ``config``: the folder's parsed config.json when the
+    caller already has it. A Step 3.7 checkpoint's vision tower becomes ``model.vision``
+    unless ``vision=False`` (its tensors are then skipped). Raises ``CheckpointError`` naming
+    any missing, unexpected or wrongly shaped tensor.
     """
     path = Path(path)
     if dtype is None and mx.default_device() == mx.cpu:
         dtype = mx.float32
     if not path.is_dir():
         raise FileNotFoundError(f"model folder {path} does not exist")
-    config = ModelConfig.from_file(path)
+    config = config or ModelConfig.from_file(path)
     if not mtp and config.num_nextn_predict_layers:
         config = dataclasses.replace(config, num_nextn_predict_layers=0)
     raw = read_weights(path)
@@ -206,7 +207,7 @@ def load_model(path: str | Path, dtype: mx.Dtype | None = None, *, mtp: bool = T
 
 
 def load(path: str | Path, dtype: mx.Dtype | None = None, *, mtp: bool = True,
-         vision: bool = True) -> tuple[Model, Any]:
+         config: ModelConfig | None = None, vision: bool = True) -> tuple[Model, Any]:
     """``(model, tokenizer)`` from a checkpoint folder with tokenizer files, ``"demo"`` or a Hub repo id.
 
     The tokenizer is mlx-lm's ``TokenizerWrapper`` (streaming detokenizer included),
@@ -217,8 +218,27 @@ def load(path: str | Path, dtype: mx.Dtype | None = None, *, mtp: bool = True,
     from .hub import resolve_model
 
     path = resolve_model(path) if isinstance(path, str) else Path(path)
-    model = load_model(path, dtype, mtp=mtp, vision=vision)
+    model = load_model(path, dtype, mtp=mtp, config=config, vision=vision)
     if not (path / "tokenizer.json").exists() and not (path / "tokenizer.model").exists():
         raise FileNotFoundError(f"{path} has no tokenizer files (tokenizer.json / tokenizer.model)")
     tokenizer = load_tokenizer(path, eos_token_ids=model.config.eos_token_id or None)
+    check_tokenizer(tokenizer, model.config.vocab_size)
     return model, tokenizer
+
+
+def check_tokenizer(tokenizer: Any, vocab_size: int) -> None:
+    """``CheckpointError`` when the tokenizer can produce ids the model has no embedding for, or when
+    the chat template does not render (a syntax error would otherwise surface at the first message)."""
+    ids = tokenizer.get_vocab().values()
+    largest = max(ids, default=-1)
+    if largest >= vocab_size:
+        raise CheckpointError(
+            f"the tokenizer has token id {largest} but the model's vocab_size is {vocab_size}; "
+            "the tokenizer files belong to another model"
+        )
+    if getattr(tokenizer, "chat_template", None):
+        try:
+            tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True)
+        except Exception as e:  # noqa: BLE001 - jinja2 raises its own error types
+            where = f" (line {e.lineno})" if getattr(e, "lineno", None) else ""
+            raise CheckpointError(f"the chat template cannot be used{where}: {e}") from None

@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import mlx.core as mx
 import numpy as np
 
+from ..model import check_token_ids
 from .processor import ImageProcessor, ImageSource, ProcessedImage
 from .prompt import ImageTokens, expansion
 
@@ -136,8 +137,9 @@ class ImageInputModel:
                 parts.append(self._features.get(self._model, image)[mx.array(sel - lo)])
         return mx.concatenate(parts)
 
-    def forward_hidden(self, tokens: mx.array, cache: list | None = None,
-                       input_embeddings: mx.array | None = None) -> mx.array:
+    def trunk(self, tokens: mx.array, cache: list | None = None,
+              input_embeddings: mx.array | None = None) -> mx.array:
+        """The wrapped model's ``trunk`` with image features at this chunk's image-token positions."""
         start = cache[0].offset if cache else 0
         positions, rows = self._prompt.image_rows(start, start + tokens.shape[1])
         if input_embeddings is None and positions.size:
@@ -148,7 +150,12 @@ class ImageInputModel:
             mask = mx.array(index >= 0)[None, :, None]
             gathered = feats[mx.array(np.maximum(index, 0))][None]
             input_embeddings = mx.where(mask, gathered, emb)
-        return self._model.forward_hidden(tokens, cache, input_embeddings)
+        return self._model.trunk(tokens, cache, input_embeddings)
+
+    def forward_hidden(self, tokens: mx.array, cache: list | None = None,
+                       input_embeddings: mx.array | None = None) -> mx.array:
+        check_token_ids(tokens, self._model.config.vocab_size)
+        return self.trunk(tokens, cache, input_embeddings)
 
     def __call__(self, tokens: mx.array, cache: list | None = None) -> mx.array:
         return self._model.logits(self.forward_hidden(tokens, cache))
