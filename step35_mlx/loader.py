@@ -20,6 +20,7 @@ from mlx.utils import tree_flatten
 
 from .config import ModelConfig
 from .model import Model
+from .vision.config import VisionConfig
 from .vision.loading import attach_vision, split_vision
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -180,7 +181,7 @@ def load_model(path: str | Path, dtype: mx.Dtype | None = None, *, mtp: bool = T
             f"{path} is an mlx-lm conversion (experts under 'switch_mlp', norms pre-shifted, MTP dropped); "
             "convert the original Hugging Face checkpoint with `step35-mlx convert` instead"
         )
-    raw, vision_weights = split_vision(raw)
+    raw, vision_weights = split_vision(raw, keep=vision and VisionConfig.from_config(config.raw) is not None)
     weights: dict[str, mx.array] = {}
     for k, v in raw.items():
         name = hf_to_internal(k, config.num_hidden_layers)

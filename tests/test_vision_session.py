@@ -102,7 +102,7 @@ def test_text_model_refuses_images(tmp_path):
     cfg = step3p7_config(image_token_id=ids["<im_patch>"], vocab_size=2056, num_mtp=0, num_layers=2)
     write_step3p7_checkpoint(path, cfg, seed=0)
     model, tok = load_any(path, dtype=mx.float32, vision=False)
-    with pytest.raises(ValueError, match="no vision tower"):
+    with pytest.raises(ValueError, match="has no vision tower"):
         next(stream_generate(model, tok, _msgs(sample_image(64, 64)), max_tokens=2))
 
 

@@ -24,6 +24,7 @@ HELP = """\
 /save PATH       save the session (messages + KV cache) to a file
 /load PATH       load a saved session
 /stats           context use, tokens prefilled, speeds of the last answer
+/image PATH      attach a picture to the next message (Step 3.7 models; repeat for several)
 /exit            quit (also /quit, Ctrl-D)
 Ctrl-C stops the current answer; the partial answer stays in the conversation."""
 
@@ -181,6 +182,7 @@ def _read_line(console) -> str:
 def _converse(console, session, show_reasoning: bool) -> None:
     """The read-answer loop: every user mistake prints one red line and the conversation goes on."""
     interrupt = _Interrupt()
+    images: list[Path] = []  # /image attachments for the next message
     while True:
         try:
             line = _read_line(console)
@@ -198,14 +200,15 @@ def _converse(console, session, show_reasoning: bool) -> None:
             console.print(f"error: that line was not sent: {reason}", style="red", markup=False)
             continue
         if text.startswith("/"):
-            if _command(console, session, text):
+            if _command(console, session, text, images):
                 return
             continue
         try:
-            stream = session.send(text)
+            stream = session.send(text, images=[str(p) for p in images])
         except ValueError as e:
             console.print(f"error: {e}", style="red", markup=False)
             continue
+        images.clear()
         printer = _Printer(console, show_reasoning)
         interrupted = False
         with interrupt.armed():
@@ -226,8 +229,8 @@ def _converse(console, session, show_reasoning: bool) -> None:
             console.print(stats_line(session.last_stats, interrupted), style="dim", markup=False)
 
 
-def _command(console, session, text: str) -> bool:
-    """Run a slash command; True means exit."""
+def _command(console, session, text: str, images: list[Path]) -> bool:
+    """Run a slash command; True means exit. ``/image`` adds to ``images`` (the next message's pictures)."""
     name, _, arg = text.partition(" ")
     arg = arg.strip()
     if name in ("/exit", "/quit"):
@@ -236,7 +239,10 @@ def _command(console, session, text: str) -> bool:
         console.print(HELP, markup=False)
     elif name == "/reset":
         session.reset()
+        images.clear()
         console.print("conversation cleared", style="dim")
+    elif name == "/image":
+        _attach(console, session, arg, images)
     elif name == "/system":
         if arg:
             session.set_system(arg)
@@ -276,3 +282,19 @@ def _command(console, session, text: str) -> bool:
     return False
 
 
+def _attach(console, session, arg: str, images: list[Path]) -> None:
+    from ..vision.files import NO_VISION, check_image_file, has_vision
+
+    if not arg:
+        console.print("usage: /image PATH", style="red")
+        return
+    if not has_vision(session.model):
+        console.print(f"error: {NO_VISION}", style="red", markup=False)
+        return
+    try:
+        images.append(check_image_file(arg))
+    except ValueError as e:
+        console.print(f"error: {e}", style="red", markup=False)
+        return
+    console.print(f"attached {images[-1]} ({len(images)} picture(s) for the next message)", style="dim",
+                  markup=False)

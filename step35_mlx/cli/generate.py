@@ -36,6 +36,8 @@ def generate(
     max_context: Optional[int] = MAX_CONTEXT_OPTION,
     prefill_step: int = PREFILL_STEP_OPTION,
     kv_bits: Optional[int] = KV_BITS_OPTION,
+    image: Optional[List[Path]] = typer.Option(None, "--image", "-i",
+                                               help="A picture for the prompt (Step 3.7 models; repeatable)."),
 ) -> None:
     """Generate one answer for scripts: the answer on stdout (or --json), stats on stderr.
 
@@ -65,12 +67,16 @@ def generate(
             tool_list = [tool_list]
         if not isinstance(tool_list, list):
             fail(f"{tools} must hold a JSON list of tool schemas")
+    images = _check_images(image or [], raw)
     loaded = load_for_cli(model, lambda msg: typer.secho(msg, fg=typer.colors.YELLOW, err=True),
                           max_context=max_context, kv_bits=kv_bits, mtp=mtp, prefill_step=prefill_step)
     if raw:
         request: Any = prompt
     else:
-        request = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        content: Any = prompt
+        if images:
+            content = [{"type": "image", "image": str(p)} for p in images] + [{"type": "text", "text": prompt}]
+        request = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
     try:
         stream = stream_generate(loaded.model, loaded.tokenizer, request, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                  top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
@@ -109,6 +115,18 @@ def generate(
                              show_reasoning and not json_out)
     if note:
         typer.secho(note, fg=typer.colors.YELLOW, err=True)
+
+
+def _check_images(paths: List[Path], raw: bool) -> List[Path]:
+    """The ``--image`` files, each checked to be a readable picture (before the model loads)."""
+    from ..vision.files import check_image_file
+
+    if paths and raw:
+        fail("--image needs the chat template; it cannot be combined with --raw")
+    try:
+        return [check_image_file(p) for p in paths]
+    except ValueError as e:
+        fail(str(e))
 
 
 def _echo_chunk(chunk, show_reasoning: bool) -> None:

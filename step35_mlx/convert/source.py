@@ -35,6 +35,7 @@ import numpy as np
 from ..config import ModelConfig, text_config
 from ..loader import INDEX_FILE, hf_to_internal
 from ..safetensors_io import FLOAT_DTYPES, SafetensorsError, SafetensorsFile, TensorInfo
+from ..vision.config import VisionConfig
 from ..vision.weights import internal_name as vision_internal_name
 from ..vision.weights import is_vision_key
 
@@ -289,7 +290,8 @@ class SourceCheckpoint:
                 "convert from the original Hugging Face release instead"
             )
 
-        self.has_vision = self.keep_vision and any(is_vision_key(k) for k in located)
+        self.has_vision = (self.keep_vision and VisionConfig.from_config(self.raw_config) is not None
+                           and any(is_vision_key(k) for k in located))
         expected = dict(expected_tensors(self.model_config, mtp=self.keep_mtp, vision=self.has_vision))
         out: list[SourceTensor] = []
         seen: dict[str, str] = {}

@@ -22,6 +22,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..model import check_token_ids
+from .files import NO_VISION, has_vision
 from .processor import ImageProcessor, ImageSource, ProcessedImage
 from .prompt import ImageTokens, expansion
 
@@ -170,9 +171,8 @@ def prepare(model: Any, tokenizer: Any, messages: Any, ids: list[int], features:
     sources = image_sources(messages)
     if not sources:
         return model, None
-    if getattr(model, "vision", None) is None:
-        raise ValueError("this model has no vision tower; it cannot take images (a Step 3.7 checkpoint "
-                         "loaded without --no-vision can)")
+    if not has_vision(model):
+        raise ValueError(NO_VISION)
     cfg = model.vision.config
     processor = processor or ImageProcessor(cfg.image_size, cfg.crop_size)
     images = [processor(s) for s in sources]

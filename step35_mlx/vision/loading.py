@@ -11,15 +11,18 @@ from .tower import VisionTower
 from .weights import is_vision_key, to_internal
 
 
-def split_vision(raw: dict[str, mx.array]) -> tuple[dict[str, mx.array], dict[str, mx.array]]:
-    """``(text tensors, vision tensors)``; vision ones renamed and re-laid-out for :class:`VisionTower`."""
+def split_vision(raw: dict[str, mx.array], keep: bool = True) -> tuple[dict[str, mx.array], dict[str, mx.array]]:
+    """``(text tensors, vision tensors)``; vision ones renamed and re-laid-out for :class:`VisionTower`.
+
+    ``keep=False`` drops the vision tensors unread (text-only load, or no ``vision_config``).
+    """
     text, vision = {}, {}
     for k, v in raw.items():
-        if is_vision_key(k):
+        if not is_vision_key(k):
+            text[k] = v
+        elif keep:
             name, v = to_internal(k, v)
             vision[name] = v
-        else:
-            text[k] = v
     return text, vision
 
 
