@@ -69,7 +69,8 @@ def generate(
             fail(f"{tools} must hold a JSON list of tool schemas")
     images = _check_images(image or [], raw)
     loaded = load_for_cli(model, lambda msg: typer.secho(msg, fg=typer.colors.YELLOW, err=True),
-                          max_context=max_context, kv_bits=kv_bits, mtp=mtp, prefill_step=prefill_step)
+                          max_context=max_context, kv_bits=kv_bits, mtp=mtp, prefill_step=prefill_step,
+                          images=bool(images))
     if raw:
         request: Any = prompt
     else:

@@ -23,12 +23,14 @@ class LoadedModel:
 
 
 def load_for_cli(model: Optional[str], announce: Callable[[str], None], *, max_context: Optional[int] = None,
-                 kv_bits: Optional[int] = None, mtp: Optional[bool] = None, prefill_step: int = 512) -> LoadedModel:
+                 kv_bits: Optional[int] = None, mtp: Optional[bool] = None, prefill_step: int = 512,
+                 images: bool = False) -> LoadedModel:
     """Load a model for a command, or print one red line and exit 2.
 
     Before any weight is read, the memory plan (``step35_mlx.plan.preflight``) must fit this
     machine: for ``max_context`` when given, else for the longest context that fits (which
     becomes the limit). A model that does not fit is refused with the options that would fit.
+    ``images``: the request has pictures, so a model without a vision tower is refused up front.
     """
     from ..config import ModelConfig
     from ..generate import read_generation_config
@@ -57,6 +59,12 @@ def load_for_cli(model: Optional[str], announce: Callable[[str], None], *, max_c
         fail(f"cannot load {path}: {e}")
     except (ValueError, OSError) as e:
         fail(str(e))
+    if images:
+        from ..vision.config import VisionConfig
+        from ..vision.files import NO_VISION
+
+        if VisionConfig.from_config(config.raw) is None:
+            fail(NO_VISION)
     if max_context is None and plan.context < config.max_position_embeddings:
         announce(f"Context limited to {plan.context:,} tokens so that the model fits this machine's memory "
                  f"(`step35-mlx plan --model {path}` shows the options).")
