@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from clirun import one_error_line, run_cli
+from clirun import one_error_line, run_cli, start_cli
 from step35_mlx.vision.synthetic import (
     sample_image, step3p7_config, tiny_vision_config, write_step3p7_checkpoint, write_vision_tokenizer,
 )
@@ -71,3 +71,47 @@ def test_chat_image_command(vlm_dir, tmp_path):
     assert len(prefilled) == 2
     assert prefilled[0] > GLOBAL  # the first turn prefilled the image
     assert prefilled[1] - prefilled[0] < GLOBAL  # the second reused it from the cache
+
+
+def test_serve_with_local_images(vlm_dir, tmp_path):
+    import socket
+    import time
+    import urllib.error
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = start_cli(["serve", "--model", str(vlm_dir), "--port", str(port), "--allow-local-images",
+                      "--max-images", "1"], tmp_path)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                urllib.request.urlopen(f"{base}/health", timeout=2).close()
+                break
+            except (urllib.error.URLError, ConnectionError):
+                assert time.monotonic() < deadline, "serve did not answer /health within 90 s"
+                time.sleep(0.3)
+        part = {"type": "image_url", "image_url": {"url": str(vlm_dir / "photo.png")}}
+        body = {"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": [part, part]}]}
+        req = urllib.request.Request(f"{base}/v1/chat/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=60)
+        assert e.value.code == 400 and "more than 1 images" in e.value.read().decode()
+        body["messages"][0]["content"] = [part, {"type": "text", "text": "What is it?"}]
+        req = urllib.request.Request(f"{base}/v1/chat/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            assert json.loads(resp.read())["usage"]["completion_tokens"] == 1
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+def test_serve_image_option_mistake(vlm_dir, tmp_path):
+    r = run_cli(["serve", "--model", str(vlm_dir), "--max-image-size", "lots"], tmp_path)
+    assert "--max-image-size" in one_error_line(r)

@@ -21,6 +21,10 @@ def serve(
     max_context: Optional[int] = MAX_CONTEXT_OPTION,
     mtp: Optional[bool] = MTP_OPTION,
     max_body: str = typer.Option("8MB", "--max-body", help="Largest request body accepted (e.g. 8MB, 512KB); larger requests get 413 before they are read."),
+    allow_local_images: bool = typer.Option(False, "--allow-local-images", help="Step 3.7: accept images given as local file paths / file:// URLs (files this machine can read)."),
+    allow_remote_images: bool = typer.Option(False, "--allow-remote-images", help="Step 3.7: fetch images given as http(s) URLs."),
+    max_images: int = typer.Option(8, "--max-images", min=1, help="Step 3.7: most images in one request; more get 400."),
+    max_image_size: str = typer.Option("10MB", "--max-image-size", help="Step 3.7: largest encoded image accepted (e.g. 10MB); larger get 400."),
 ) -> None:
     """Serve a model over HTTP for OpenAI and Anthropic clients (Claude Code, opencode, SDKs).
 
@@ -38,14 +42,23 @@ def serve(
         max_body_bytes = parse_size(max_body)
     except ValueError as e:
         fail(f"--max-body: {e}")
+    try:
+        max_image_bytes = parse_size(max_image_size)
+    except ValueError as e:
+        fail(f"--max-image-size: {e}")
     loaded = load_for_cli(model, lambda text: typer.echo(text, err=True), max_context=max_context, mtp=mtp)
+    from ..server.images import ImagePolicy
+    from ..vision.files import has_vision
+
+    images = ImagePolicy(enabled=has_vision(loaded.model), allow_local=allow_local_images,
+                         allow_remote=allow_remote_images, max_images=max_images, max_image_bytes=max_image_bytes)
     if not model_name:
         model_name = ("step35-mlx-demo" if model in (None, "demo")
                       else loaded.path.name if Path(model).expanduser().exists() else model)
     try:
         app = create_app(loaded.model, loaded.tokenizer, model_name=model_name, api_key=api_key,
                          max_queue=max_queue, generation_config=loaded.generation_config,
-                         max_body_bytes=max_body_bytes, max_context=loaded.context_limit,
+                         max_body_bytes=max_body_bytes, images=images, max_context=loaded.context_limit,
                          **({"mtp": mtp} if mtp is not None else {}))
     except ValueError as e:
         fail(str(e))

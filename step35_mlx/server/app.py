@@ -29,12 +29,16 @@ from typing import Any, AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..generate import GenerationChunk
 from ..request_limits import DEFAULT_MAX_BODY_BYTES, RequestRejected, parse_json_body, read_body
+from ..vision.files import has_vision
+from ..vision.inputs import prepare as prepare_images
 from .engine import ClientGone, Engine, drain, first_chunk
 from .errors import APIError, as_api_error, error_response, log, validation_error
+from .images import NO_VISION, ImagePolicy, ImageReader
 from .messages import anthropic_messages, anthropic_tools, openai_messages, select_tools
 from .reply import Reply, call_id, collect, sse
 from .schemas import AnthCountRequest, AnthRequest, OAIChatRequest, OAICompletionRequest
@@ -42,12 +46,19 @@ from .schemas import AnthCountRequest, AnthRequest, OAIChatRequest, OAICompletio
 
 def create_app(model: Any, tokenizer: Any, *, model_name: str = "step-3.5-flash", api_key: str | None = None,
                max_queue: int = 8, generation_config: dict | None = None,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, **defaults: Any) -> FastAPI:
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, images: ImagePolicy | None = None,
+               **defaults: Any) -> FastAPI:
     """The ASGI app serving ``model``; ``defaults`` are ChatSession sampling defaults (``max_context``, ``mtp``...).
+
+    ``images``: which pictures requests may carry (default: data URLs / base64 when the model has
+    a vision tower, none otherwise).
 
     Request bodies over ``max_body_bytes`` get 413 before they are read whole.
     """
     engine = Engine(model, tokenizer, max_queue=max_queue, generation_config=generation_config, defaults=defaults)
+    policy = images or ImagePolicy(enabled=has_vision(model))
+    if policy.enabled and not has_vision(model):
+        raise ValueError(NO_VISION)
     app = FastAPI(title="step35-mlx", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
     created = int(time.time())
@@ -114,7 +125,7 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str = "step-3.5-flash"
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         req: OAIChatRequest = await parse(request, OAIChatRequest)
-        messages = openai_messages(req.messages)
+        messages = await run_in_threadpool(openai_messages, req.messages, ImageReader(policy))
         tools = select_tools(req.tools, req.tool_choice, anthropic=False)
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         settings = dict(max_tokens=req.max_completion_tokens or req.max_tokens, temperature=req.temperature,
@@ -213,7 +224,7 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str = "step-3.5-flash"
     @app.post("/v1/messages")
     async def messages(request: Request):
         req: AnthRequest = await parse(request, AnthRequest)
-        msgs = anthropic_messages(req)
+        msgs = await run_in_threadpool(anthropic_messages, req, ImageReader(policy))
         tools = select_tools(anthropic_tools(req.tools), req.tool_choice, anthropic=True)
         stops = list(req.stop_sequences or [])
         settings = dict(max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
@@ -297,12 +308,13 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str = "step-3.5-flash"
     @app.post("/v1/messages/count_tokens")
     async def count_tokens(request: Request):
         req: AnthCountRequest = await parse(request, AnthCountRequest)
-        msgs = anthropic_messages(req)
+        msgs = await run_in_threadpool(anthropic_messages, req, ImageReader(policy))
         tools = select_tools(anthropic_tools(req.tools), req.tool_choice, anthropic=True)
         try:
-            ids = tokenizer.apply_chat_template(msgs, tools=tools, add_generation_prompt=True)
+            ids = list(tokenizer.apply_chat_template(msgs, tools=tools, add_generation_prompt=True))
+            _, expanded = prepare_images(model, tokenizer, msgs, ids)
         except Exception as e:  # noqa: BLE001 - a template error is the request's fault
             raise as_api_error(e if isinstance(e, (ValueError, TypeError)) else ValueError(str(e))) from None
-        return {"input_tokens": len(ids)}
+        return {"input_tokens": len(expanded.ids) if expanded else len(ids)}
 
     return app

@@ -6,17 +6,26 @@ import json
 from typing import Any
 
 from .errors import APIError
+from .images import ImageReader
 from .schemas import AnthTool, OAIMessage
 
 
 def _text_of(content: Any, where: str) -> str:
     """Text of a content value: a string, or a list of text parts/blocks (others are refused)."""
+    return str(_content_of(content, where, None))
+
+
+def _content_of(content: Any, where: str, images: ImageReader | None) -> str | list[dict]:
+    """A content value as the template takes it: a string, or (with images) a list of text and image parts.
+
+    Image parts (OpenAI ``image_url``) are read through ``images``; without a reader they are refused.
+    """
     if content is None:
         return ""
     if isinstance(content, str):
         return content
-    parts = []
-    for block in content:
+    parts: list[dict] = []
+    for j, block in enumerate(content):
         if not isinstance(block, dict):
             raise APIError(400, f"{where}: content parts must be objects", param=where)
         kind = block.get("type")
@@ -24,10 +33,15 @@ def _text_of(content: Any, where: str) -> str:
             text = block.get("text")
             if not isinstance(text, str):
                 raise APIError(400, f"{where}: a text part needs a string 'text'", param=where)
-            parts.append(text)
+            parts.append({"type": "text", "text": text})
+        elif kind == "image_url" and images is not None:
+            parts.append({"type": "image", "image": images.openai(block, f"{where}.{j}")})
         else:
-            raise APIError(400, f"{where}: content of type {kind!r} is not supported (text only)", param=where)
-    return "".join(parts)
+            raise APIError(400, f"{where}: content of type {kind!r} is not supported "
+                                f"({'text and image_url' if images is not None else 'text only'})", param=where)
+    if any(p["type"] == "image" for p in parts):
+        return parts
+    return "".join(p["text"] for p in parts)
 
 
 def _arguments(raw: Any, where: str) -> dict:
@@ -44,14 +58,18 @@ def _arguments(raw: Any, where: str) -> dict:
     return value
 
 
-def openai_messages(messages: list[OAIMessage]) -> list[dict]:
-    """OpenAI chat messages -> the chat template's messages (tool results carry the tool's name)."""
+def openai_messages(messages: list[OAIMessage], images: ImageReader | None = None) -> list[dict]:
+    """OpenAI chat messages -> the chat template's messages (tool results carry the tool's name).
+
+    User messages may hold ``image_url`` parts, read through ``images``.
+    """
     out: list[dict] = []
     names: dict[str, str] = {}
     for i, m in enumerate(messages):
         where = f"messages.{i}"
         role = "system" if m.role == "developer" else m.role
-        msg: dict[str, Any] = {"role": role, "content": _text_of(m.content, f"{where}.content")}
+        reader = images if role == "user" else None
+        msg: dict[str, Any] = {"role": role, "content": _content_of(m.content, f"{where}.content", reader)}
         if role == "assistant":
             if m.reasoning_content:
                 msg["reasoning_content"] = m.reasoning_content
@@ -78,8 +96,8 @@ def anthropic_tools(tools: list[AnthTool] | None) -> list[dict] | None:
             for t in tools]
 
 
-def anthropic_messages(req: Any) -> list[dict]:
-    """Anthropic system + messages -> the chat template's messages."""
+def anthropic_messages(req: Any, images: ImageReader | None = None) -> list[dict]:
+    """Anthropic system + messages -> the chat template's messages; user ``image`` blocks read through ``images``."""
     out: list[dict] = []
     if req.system:
         out.append({"role": "system", "content": _text_of(req.system, "system")})
@@ -90,6 +108,7 @@ def anthropic_messages(req: Any) -> list[dict]:
             out.append({"role": m.role, "content": m.content})
             continue
         text: list[str] = []
+        parts: list[dict] = []  # text and images of a user message, in order
         thinking: list[str] = []
         calls: list[dict] = []
         results: list[dict] = []
@@ -101,6 +120,9 @@ def anthropic_messages(req: Any) -> list[dict]:
                 if not isinstance(b.get("text"), str):
                     raise APIError(400, f"{where}.{j}.text: must be a string", param=f"{where}.{j}.text")
                 text.append(b["text"])
+                parts.append({"type": "text", "text": b["text"]})
+            elif kind == "image" and m.role == "user" and images is not None:
+                parts.append({"type": "image", "image": images.anthropic(b, f"{where}.{j}")})
             elif kind == "thinking" and m.role == "assistant":
                 thinking.append(str(b.get("thinking") or ""))
             elif kind == "redacted_thinking" and m.role == "assistant":
@@ -132,7 +154,9 @@ def anthropic_messages(req: Any) -> list[dict]:
             out.append(msg)
         else:
             out.extend(results)
-            if text or not results:
+            if any(p["type"] == "image" for p in parts):
+                out.append({"role": "user", "content": parts})
+            elif text or not results:
                 out.append({"role": "user", "content": "".join(text)})
     return out
 
