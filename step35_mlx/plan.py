@@ -127,6 +127,7 @@ class WeightSizes:
     recipe: str | None = None
     upcast: int = 0
     measured: bool = False  # from a folder's files rather than computed from a config
+    vision: int = 0  # of ``trunk``: a Step 3.7 vision tower (encoder, downsamplers, projector)
 
     def total(self, mtp: bool) -> int:
         return self.trunk + (self.mtp if mtp else 0)
@@ -171,8 +172,10 @@ def weight_sizes(config: ModelConfig | dict, recipe: Any = "q4", *, source_dtype
             upcast_mtp += n
         else:
             upcast_trunk += n
+    vision_tensors = [(n_, shape) for n_, shape in tensors if n_.startswith("vision.")]
     if isinstance(recipe, dict):
         trunk, mtp = _block_sizes(tensors, recipe, source_dtype)
+        vision = _block_sizes(vision_tensors, recipe, source_dtype)[0]
         name = (cfg.raw.get("step35_mlx") or {}).get("recipe") or "converted"
         label = name
     elif isinstance(recipe, str) and recipe.lower() in (FLOAT_RECIPE, "float", "none"):
@@ -183,13 +186,15 @@ def weight_sizes(config: ModelConfig | dict, recipe: Any = "q4", *, source_dtype
                 mtp += b
             else:
                 trunk += b
+        vision = sum(_BYTES[source_dtype] * math.prod(shape) for _, shape in vision_tensors)
         name = label = FLOAT_RECIPE
     else:
         r = recipe if isinstance(recipe, Recipe) else get_recipe(str(recipe))
         sizes = plan_sizes(cfg, r, mtp=True, source_dtype=source_dtype)
-        trunk, mtp = sizes["trunk"], sizes["mtp"]
+        trunk, mtp, vision = sizes["trunk"], sizes["mtp"], sizes["vision"]
         name = label = r.name
-    return WeightSizes(trunk + upcast_trunk, mtp + upcast_mtp, label, name, upcast_trunk + upcast_mtp)
+    return WeightSizes(trunk + upcast_trunk, mtp + upcast_mtp, label, name, upcast_trunk + upcast_mtp,
+                       vision=vision)
 
 
 def _block_sizes(tensors, block: dict, source_dtype: str) -> tuple[int, int]:
@@ -249,18 +254,22 @@ def folder_weight_sizes(path: str | Path, dtype_bytes: int | None = None, *,
     :func:`load_dtype_bytes`); ``None`` keeps each tensor's stored dtype. Either way norms and
     the router count as float32, as the loader keeps them.
     """
-    from .safetensors_io import SafetensorsFile
     from .loader import hf_to_internal
+    from .safetensors_io import SafetensorsFile
+    from .vision.weights import is_vision_key
 
     path = Path(path)
     cfg = config or ModelConfig.from_file(path)
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors files in {path}")
-    trunk = mtp = upcast = 0
+    trunk = mtp = upcast = vision = 0
     for f in files:
         for info in SafetensorsFile(f).tensors.values():
-            name = hf_to_internal(info.name, cfg.num_hidden_layers)
+            if is_vision_key(info.name):
+                name = "vision." + info.name  # loaded (and counted) whole, as the loader does by default
+            else:
+                name = hf_to_internal(info.name, cfg.num_hidden_layers)
             if name is None:
                 continue
             n, extra = _in_memory(name, info.shape, info.dtype, info.nbytes, dtype_bytes)
@@ -269,10 +278,11 @@ def folder_weight_sizes(path: str | Path, dtype_bytes: int | None = None, *,
                 mtp += n
             else:
                 trunk += n
+                vision += n if name.startswith("vision.") else 0
     recipe = (cfg.raw.get("step35_mlx") or {}).get("recipe")
     if recipe is None:
         recipe = "quantized" if cfg.raw.get("quantization") else "float"
-    return WeightSizes(trunk, mtp, f"{recipe} ({path.name})", recipe, upcast, measured=True)
+    return WeightSizes(trunk, mtp, f"{recipe} ({path.name})", recipe, upcast, measured=True, vision=vision)
 
 
 def folder_activation_bytes(path: str | Path, dtype_bytes: int | None = None) -> int:
@@ -493,7 +503,9 @@ class MemoryPlan:
             ("weights (trunk)", self.weights,
              f"{self.weights_source.label}" + (", files measured" if self.weights_source.measured else "")
              + (f"; incl. {self.weights_source.upcast / GB:.2f} GB norms/routers kept float32"
-                if self.weights_source.upcast >= 0.005 * GB else "")),
+                if self.weights_source.upcast >= 0.005 * GB else "")
+             + (f"; incl. vision tower {self.weights_source.vision / GB:.2f} GB"
+                if self.weights_source.vision else "")),
             ("weights (MTP)", self.mtp_weights,
              f"{len(mtp_layers)} modules with their heads" if self.mtp else "MTP off: not loaded"),
             ("full-layer KV", self.full_kv,
@@ -519,6 +531,21 @@ class MemoryPlan:
             "sliding_kv": self.sliding_kv, "mtp_kv": self.mtp_kv, "activations": self.activations,
             "overhead": self.overhead, "total": self.total, "full_kv_per_token": self.full_kv_per_token,
         }
+
+
+def _with_image_encoding(cfg: ModelConfig, acts: dict, act: int, fused_attention: bool) -> dict:
+    """A Step 3.7 model encodes images one view at a time before their prefill chunk: the peak is the larger."""
+    from .vision.config import VisionConfig
+    from .vision.costs import view_cost
+
+    vcfg = VisionConfig.from_config(cfg.raw)
+    if vcfg is None:
+        return acts
+    view = view_cost(vcfg, vcfg.image_size, act, fused_attention)
+    if view.activation_bytes <= acts["total"]:
+        return acts
+    return {"total": view.activation_bytes, "phase": "image encoding", "rows": view.patches,
+            "largest_layer": f"vision encoder ({vcfg.image_size}x{vcfg.image_size} view)"}
 
 
 def plan_memory(config: ModelConfig | dict, *, recipe: Any = "q4", context: int, kv_bits: int | None = None,
@@ -552,6 +579,7 @@ def plan_memory(config: ModelConfig | dict, *, recipe: Any = "q4", context: int,
     acts = activation_bytes(cfg, context, prefill_step=prefill_step, kv_bits=kv_bits, kv_group_size=kv_group_size,
                             activation_dtype_bytes=act, batch=batch, fused_attention=fused_attention, mtp=mtp,
                             slack=slack)
+    acts = _with_image_encoding(cfg, acts, act, fused_attention)
     return MemoryPlan(
         config=cfg, weights_source=w, context=context, kv_bits=kv_bits, kv_group_size=kv_group_size, mtp=mtp,
         batch=batch, prefill_step=prefill_step, activation_dtype_bytes=act, fused_attention=fused_attention,

@@ -105,3 +105,35 @@ def test_convert_cli_vision_options(tmp_path, source):
     r = _cli("convert", str(source), "--out", str(tmp_path / "bad"), "--vision-bits", "5", "-q")
     assert r.returncode == 2 and "error:" in r.stderr + r.stdout and "Traceback" not in r.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_plan_counts_the_tower_and_image_encoding(tmp_path, source):
+    from step35_mlx.plan import folder_weight_sizes, plan_memory, weight_sizes
+    from step35_mlx.vision.config import VisionConfig
+    from step35_mlx.vision.costs import view_cost
+
+    params = sum(int(np.prod(s)) for k, s in expected_tensors(GOLDEN_CONFIG) if k.startswith("vision."))
+    assert weight_sizes(GOLDEN_CONFIG, "q4").vision == 2 * params  # kept bf16 by the recipes
+    assert folder_weight_sizes(source).vision == 2 * params  # the bf16 source folder, raw names
+    out = tmp_path / "q4"
+    convert_checkpoint(source, out, recipe="q4", progress=False)
+    assert folder_weight_sizes(out).vision == 2 * params  # converted names, still bf16
+    # CPU plan (unfused attention, float32): one 728 view's scores dominate this tiny text model's prefill
+    vcfg = VisionConfig.from_config(GOLDEN_CONFIG)
+    view = view_cost(vcfg, 728, 4, fused_attention=False)
+    plan = plan_memory(GOLDEN_CONFIG, context=64, activation_dtype_bytes=4, fused_attention=False)
+    assert plan.activations == view.activation_bytes >= vcfg.num_heads * 2704**2 * 4
+    assert plan.activation_detail["phase"] == "image encoding"
+
+
+def test_release_tower_size_and_flops():
+    from step35_mlx.vision.config import VisionConfig
+    from step35_mlx.vision.costs import view_cost
+
+    cfg = VisionConfig()  # the released geometry
+    D, F, N = 1536, 8960, 52 * 52
+    per_layer = 2 * N * (4 * D * D + 2 * D * F) + 4 * N * N * D
+    view = view_cost(cfg, 728)
+    assert view.tokens == 169 and view_cost(cfg, 504).tokens == 81
+    assert abs(view.flops - 47 * per_layer) / view.flops < 0.02  # the blocks are 98% of the work
+    assert 11.6e12 < view.flops < 11.7e12

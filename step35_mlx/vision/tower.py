@@ -24,13 +24,22 @@ class VisionTower(nn.Module):
         return self.projector(self.encoder(pixels))
 
     def image_features(self, image: ProcessedImage, dtype: mx.Dtype | None = None) -> mx.array:
-        """All tokens of one image, ``[n, text_hidden]``: each crop's tokens row-major, then the global view's."""
-        dtype = dtype or self.encoder.patch_embed.weight.dtype
-        if dtype not in (mx.float32, mx.float16, mx.bfloat16):
-            dtype = mx.float32
+        """All tokens of one image, ``[n, text_hidden]``: each crop's tokens row-major, then the global view's.
+
+        Views run one at a time (evaluated as they go), so the peak working set is one view's
+        (``vision.costs.view_cost``) however many crops an image has.
+        """
+        dtype = dtype or self.activation_dtype
         parts = []
-        if image.num_crops:
-            crops = self(mx.array(image.crops).astype(dtype))
-            parts.append(crops.reshape(-1, crops.shape[-1]))
-        parts.append(self(mx.array(image.global_view[None]).astype(dtype))[0])
+        for view in list(image.crops) + [image.global_view]:
+            out = self(mx.array(view[None]).astype(dtype))[0]
+            mx.eval(out)
+            parts.append(out)
         return mx.concatenate(parts, axis=0)
+
+    @property
+    def activation_dtype(self) -> mx.Dtype:
+        """The float dtype the tower computes in: its weights' (the scales' when quantized)."""
+        layer = self.projector.proj
+        w = getattr(layer, "scales", layer.weight)
+        return w.dtype if w.dtype in (mx.float32, mx.float16, mx.bfloat16) else mx.float32
