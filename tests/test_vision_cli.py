@@ -44,6 +44,7 @@ def test_generate_with_image(vlm_dir, tmp_path):
     (["--image", "missing.png"], "does not exist"),
     (["--image", "notes.txt"], "is not an image"),
     (["--image", "photo.png", "--raw"], "cannot be combined with --raw"),
+    (["--image", "photo.png", "--no-vision"], "drop --no-vision"),
 ])
 def test_generate_image_mistakes(vlm_dir, tmp_path, extra, expected):
     extra = [str(vlm_dir / e) if e.endswith((".png", ".txt")) else e for e in extra]

@@ -13,7 +13,7 @@ from typing import Iterator, Optional
 import typer
 
 from .common import (DRAFT_DEPTH_OPTION, KV_BITS_OPTION, MAX_CONTEXT_OPTION, MODEL_OPTION, MTP_OPTION,
-                     PREFILL_STEP_OPTION, SEED_OPTION, fail, printable, stats_line)
+                     PREFILL_STEP_OPTION, SEED_OPTION, VISION_OPTION, fail, printable, stats_line)
 from ..text import invalid_text_reason
 from .loading import load_for_cli
 
@@ -142,6 +142,7 @@ def chat(
     max_context: Optional[int] = MAX_CONTEXT_OPTION,
     prefill_step: int = PREFILL_STEP_OPTION,
     kv_bits: Optional[int] = KV_BITS_OPTION,
+    vision: bool = VISION_OPTION,
 ) -> None:
     """Chat in the terminal: streaming answers, reasoning dimmed, the KV cache kept between turns.
 
@@ -154,7 +155,8 @@ def chat(
     console = Console(highlight=False, soft_wrap=True)
     try:
         loaded = load_for_cli(model, lambda msg: console.print(msg, style="yellow", markup=False),
-                              max_context=max_context, kv_bits=kv_bits, mtp=mtp, prefill_step=prefill_step)
+                              max_context=max_context, kv_bits=kv_bits, mtp=mtp, prefill_step=prefill_step,
+                              vision=vision)
         try:
             session = ChatSession(loaded.model, loaded.tokenizer, system=system, max_tokens=max_tokens,
                                   temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed, mtp=mtp,

@@ -14,6 +14,7 @@ DRAFT_DEPTH_OPTION = typer.Option(None, "--draft-depth", help="MTP draft tokens 
 MAX_CONTEXT_OPTION = typer.Option(None, "--max-context", help="Context limit in tokens (default: the model's, or the longest that fits this machine's memory).")
 PREFILL_STEP_OPTION = typer.Option(512, "--prefill-step", help="Prompt tokens per prefill chunk; smaller bounds memory on long prompts.")
 KV_BITS_OPTION = typer.Option(None, "--kv-bits", help="Store the KV cache quantized (4 or 8 bits).")
+VISION_OPTION = typer.Option(True, "--vision/--no-vision", help="Step 3.7: load the vision tower (default) or skip its ~4 GB when no images are needed.")
 SEED_OPTION = typer.Option(None, "--seed", help="Random seed for reproducible sampling (0 to 2^64-1).")
 
 

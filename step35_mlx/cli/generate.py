@@ -10,7 +10,7 @@ from typing import Any, List, Optional
 import typer
 
 from .common import (DRAFT_DEPTH_OPTION, KV_BITS_OPTION, MAX_CONTEXT_OPTION, MODEL_OPTION, MTP_OPTION,
-                     PREFILL_STEP_OPTION, SEED_OPTION, fail, printable, stats_line)
+                     PREFILL_STEP_OPTION, SEED_OPTION, VISION_OPTION, fail, printable, stats_line)
 from ..text import invalid_text_reason
 from .loading import load_for_cli
 
@@ -38,6 +38,7 @@ def generate(
     kv_bits: Optional[int] = KV_BITS_OPTION,
     image: Optional[List[Path]] = typer.Option(None, "--image", "-i",
                                                help="A picture for the prompt (Step 3.7 models; repeatable)."),
+    vision: bool = VISION_OPTION,
 ) -> None:
     """Generate one answer for scripts: the answer on stdout (or --json), stats on stderr.
 
@@ -70,7 +71,7 @@ def generate(
     images = _check_images(image or [], raw)
     loaded = load_for_cli(model, lambda msg: typer.secho(msg, fg=typer.colors.YELLOW, err=True),
                           max_context=max_context, kv_bits=kv_bits, mtp=mtp, prefill_step=prefill_step,
-                          images=bool(images))
+                          images=bool(images), vision=vision)
     if raw:
         request: Any = prompt
     else:

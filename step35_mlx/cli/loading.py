@@ -24,13 +24,14 @@ class LoadedModel:
 
 def load_for_cli(model: Optional[str], announce: Callable[[str], None], *, max_context: Optional[int] = None,
                  kv_bits: Optional[int] = None, mtp: Optional[bool] = None, prefill_step: int = 512,
-                 images: bool = False) -> LoadedModel:
+                 images: bool = False, vision: bool = True) -> LoadedModel:
     """Load a model for a command, or print one red line and exit 2.
 
     Before any weight is read, the memory plan (``step35_mlx.plan.preflight``) must fit this
     machine: for ``max_context`` when given, else for the longest context that fits (which
     becomes the limit). A model that does not fit is refused with the options that would fit.
     ``images``: the request has pictures, so a model without a vision tower is refused up front.
+    ``vision=False`` leaves a Step 3.7 vision tower unloaded.
     """
     from ..config import ModelConfig
     from ..generate import read_generation_config
@@ -63,13 +64,15 @@ def load_for_cli(model: Optional[str], announce: Callable[[str], None], *, max_c
         from ..vision.config import VisionConfig
         from ..vision.files import NO_VISION
 
+        if not vision:
+            fail("images need the vision tower; drop --no-vision")
         if VisionConfig.from_config(config.raw) is None:
             fail(NO_VISION)
     if max_context is None and plan.context < config.max_position_embeddings:
         announce(f"Context limited to {plan.context:,} tokens so that the model fits this machine's memory "
                  f"(`step35-mlx plan --model {path}` shows the options).")
     try:
-        m, tok = load(path, config=config, mtp=keep_mtp)
+        m, tok = load(path, config=config, mtp=keep_mtp, vision=vision)
         generation_config = read_generation_config(path, warn=announce)
     except (ValueError, OSError) as e:
         fail(f"cannot load {path}: {e}")

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .common import MAX_CONTEXT_OPTION, MODEL_OPTION, MTP_OPTION, fail
+from .common import MAX_CONTEXT_OPTION, MODEL_OPTION, MTP_OPTION, VISION_OPTION, fail
 from .loading import load_for_cli
 
 
@@ -25,6 +25,7 @@ def serve(
     allow_remote_images: bool = typer.Option(False, "--allow-remote-images", help="Step 3.7: fetch images given as http(s) URLs."),
     max_images: int = typer.Option(8, "--max-images", min=1, help="Step 3.7: most images in one request; more get 400."),
     max_image_size: str = typer.Option("10MB", "--max-image-size", help="Step 3.7: largest encoded image accepted (e.g. 10MB); larger get 400."),
+    vision: bool = VISION_OPTION,
 ) -> None:
     """Serve a model over HTTP for OpenAI and Anthropic clients (Claude Code, opencode, SDKs).
 
@@ -46,7 +47,8 @@ def serve(
         max_image_bytes = parse_size(max_image_size)
     except ValueError as e:
         fail(f"--max-image-size: {e}")
-    loaded = load_for_cli(model, lambda text: typer.echo(text, err=True), max_context=max_context, mtp=mtp)
+    loaded = load_for_cli(model, lambda text: typer.echo(text, err=True), max_context=max_context, mtp=mtp,
+                          vision=vision)
     from ..server.images import ImagePolicy
     from ..vision.files import has_vision
 
