@@ -116,3 +116,9 @@ def test_serve_with_local_images(vlm_dir, tmp_path):
 def test_serve_image_option_mistake(vlm_dir, tmp_path):
     r = run_cli(["serve", "--model", str(vlm_dir), "--max-image-size", "lots"], tmp_path)
     assert "--max-image-size" in one_error_line(r)
+
+
+def test_info_shows_the_tower(vlm_dir, tmp_path):
+    r = run_cli(["info", str(vlm_dir)], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "vision tower: width 16, 1 layers" in r.stdout and "(49 / 25 tokens), image token id 11" in r.stdout

@@ -29,3 +29,11 @@ def info(model: str = typer.Argument(..., help="Checkpoint folder (Hugging Face 
         f"{len(cfg.moe_layers)} MoE layers ({cfg.moe_num_experts} experts, top-{cfg.moe_top_k}), "
         f"{cfg.num_nextn_predict_layers} MTP layers, vocab {cfg.vocab_size}"
     )
+    from ..vision.config import VisionConfig
+
+    vcfg = VisionConfig.from_config(cfg.raw)
+    if vcfg is not None:
+        typer.echo(f"vision tower: width {vcfg.hidden_size}, {vcfg.num_layers} layers, {vcfg.num_heads} heads, "
+                   f"MLP {vcfg.intermediate_size}, {vcfg.image_size}px views / {vcfg.crop_size}px crops "
+                   f"({vcfg.tokens_per_view(vcfg.image_size)} / {vcfg.tokens_per_view(vcfg.crop_size)} tokens), "
+                   f"image token id {vcfg.image_token_id}")
