@@ -1,6 +1,7 @@
-"""Load Step 3.5 Flash from a Hugging Face checkpoint folder or from an MLX folder our converter wrote.
+"""Load Step 3.5 Flash from a Hugging Face checkpoint folder, an MLX folder our converter wrote,
+or an mlx-lm / mlx-community conversion (read as is, see ``mlx_lm_format``).
 
-Both formats go through one path: read the (sharded) safetensors lazily, map key
+All formats go through one path: read the (sharded) safetensors lazily, map key
 names (``hf_to_internal``), quantize the modules the config's ``quantization``
 block names, check coverage strictly, then load. Norm weights are never shifted
 here: they stay zero-centred and ``ZeroCenteredRMSNorm`` adds the 1.
@@ -11,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,20 +20,18 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .config import ModelConfig
+from .errors import CheckpointError
 from .model import Model
+from .mlx_lm_format import read_folder
 
 INDEX_FILE = "model.safetensors.index.json"
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
 _STEP37_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
                     ("language_model.lm_head.", "lm_head."), ("language_model.", ""))
 _VISION_PREFIXES = ("model.vision_model.", "model.vit_large_projector.", "vision_model.", "vit_large_projector.")
-# Tensors kept in float32 whatever the load dtype: selection-only bias and the fp32 router.
-_FP32_SUFFIXES = (".router_bias", ".moe.gate.weight")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint on disk does not match what the config says it should hold."""
+# Tensors kept in float32 whatever the load dtype: selection-only bias and the fp32 router
+# (a quantized router's scales and biases too, so routing stays float32 arithmetic).
+_FP32_SUFFIXES = (".router_bias", ".moe.gate.weight", ".moe.gate.scales", ".moe.gate.biases")
 
 
 def hf_to_internal(key: str, num_hidden_layers: int) -> str | None:
@@ -167,15 +167,13 @@ def load_model(path: str | Path, dtype: mx.Dtype | None = None, *, mtp: bool = T
         dtype = mx.float32
     if not path.is_dir():
         raise FileNotFoundError(f"model folder {path} does not exist")
-    config = ModelConfig.from_file(path)
+    folder = read_folder(path)  # an mlx-lm conversion gets its real MTP count and our names
+    config = folder.config
     if not mtp and config.num_nextn_predict_layers:
         config = dataclasses.replace(config, num_nextn_predict_layers=0)
     raw = read_weights(path)
-    if any(".switch_mlp." in k for k in raw):
-        raise CheckpointError(
-            f"{path} is an mlx-lm conversion (experts under 'switch_mlp', norms pre-shifted, MTP dropped); "
-            "convert the original Hugging Face checkpoint with `step35-mlx convert` instead"
-        )
+    if folder.mlx_lm is not None:
+        raw = folder.mlx_lm.to_checkpoint(raw)
     weights: dict[str, mx.array] = {}
     for k, v in raw.items():
         name = hf_to_internal(k, config.num_hidden_layers)
@@ -196,6 +194,9 @@ def load_model(path: str | Path, dtype: mx.Dtype | None = None, *, mtp: bool = T
     mx.eval(model.parameters())
     model.eval()
     model.source_path = path
+    model.load_notice = folder.mlx_lm.notice() if folder.mlx_lm is not None else None
+    if model.load_notice:
+        print(model.load_notice, file=sys.stderr)
     return model
 
 
