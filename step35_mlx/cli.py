@@ -35,13 +35,14 @@ def info(model: str = typer.Argument(..., help="Checkpoint folder (Hugging Face 
     """
     from pathlib import Path
 
-    from .config import ModelConfig
+    from .mlx_lm_format import read_folder
 
     try:
-        cfg = ModelConfig.from_file(Path(model))
+        folder = read_folder(Path(model))
     except (FileNotFoundError, ValueError) as e:
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2)
+    cfg = folder.config
     n_full = sum(t == "full_attention" for t in cfg.layer_types[: cfg.num_hidden_layers])
     typer.echo(
         f"{cfg.model_type}: hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers "
@@ -49,6 +50,8 @@ def info(model: str = typer.Argument(..., help="Checkpoint folder (Hugging Face 
         f"{len(cfg.moe_layers)} MoE layers ({cfg.moe_num_experts} experts, top-{cfg.moe_top_k}), "
         f"{cfg.num_nextn_predict_layers} MTP layers, vocab {cfg.vocab_size}"
     )
+    if folder.mlx_lm:
+        typer.echo(folder.mlx_lm.notice())
 
 
 def _register_convert_commands() -> None:

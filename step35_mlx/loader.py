@@ -31,7 +31,7 @@ _STEP37_PREFIXES = (("model.language_model.", "model."), ("language_model.model.
 _VISION_PREFIXES = ("model.vision_model.", "model.vit_large_projector.", "vision_model.", "vit_large_projector.")
 # Tensors kept in float32 whatever the load dtype: selection-only bias and the fp32 router
 # (a quantized router's scales and biases too, so routing stays float32 arithmetic).
-_FP32_SUFFIXES = (".router_bias", ".moe.gate.weight", ".moe.gate.scales", ".moe.gate.biases")
+FP32_SUFFIXES = (".router_bias", ".moe.gate.weight", ".moe.gate.scales", ".moe.gate.biases")
 
 
 def hf_to_internal(key: str, num_hidden_layers: int) -> str | None:
@@ -143,7 +143,7 @@ def _cast(weights: dict[str, mx.array], dtype: mx.Dtype | None) -> dict[str, mx.
     for k, v in weights.items():
         if not mx.issubdtype(v.dtype, mx.floating):
             out[k] = v
-        elif k.endswith(_FP32_SUFFIXES) or (k.endswith(".weight") and "norm" in k.rsplit(".", 2)[-2]):
+        elif k.endswith(FP32_SUFFIXES) or (k.endswith(".weight") and "norm" in k.rsplit(".", 2)[-2]):
             out[k] = v.astype(mx.float32)
         elif dtype is not None:
             out[k] = v.astype(dtype)

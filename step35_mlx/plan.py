@@ -229,8 +229,10 @@ def _in_memory(name: str, shape, dtype: str, nbytes: int, dtype_bytes: int | Non
     """(bytes once loaded, of which float32 upcast) for one stored tensor, following ``loader._cast``:
     norms and ``moe.gate.weight`` become float32, ``router_bias`` stays float32, other floating
     tensors take ``dtype_bytes`` when given."""
+    from .loader import FP32_SUFFIXES
+
     n = math.prod(int(d) for d in shape)
-    fp32 = name.endswith((".router_bias", ".moe.gate.weight")) or (
+    fp32 = name.endswith(FP32_SUFFIXES) or (
         name.endswith(".weight") and "norm" in name.rsplit(".", 2)[-2])
     if dtype not in ("F32", "F16", "BF16"):
         return nbytes, 0
@@ -250,16 +252,18 @@ def folder_weight_sizes(path: str | Path, dtype_bytes: int | None = None) -> Wei
     """
     from .convert.safetensors_io import SafetensorsFile
     from .loader import hf_to_internal
+    from .mlx_lm_format import original_name, read_folder
 
     path = Path(path)
-    cfg = ModelConfig.from_file(path)
+    folder = read_folder(path)
+    cfg = folder.config
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors files in {path}")
     trunk = mtp = upcast = 0
     for f in files:
         for info in SafetensorsFile(f).tensors.values():
-            name = hf_to_internal(info.name, cfg.num_hidden_layers)
+            name = hf_to_internal(original_name(info.name) if folder.mlx_lm else info.name, cfg.num_hidden_layers)
             if name is None:
                 continue
             n, extra = _in_memory(name, info.shape, info.dtype, info.nbytes, dtype_bytes)
@@ -269,6 +273,9 @@ def folder_weight_sizes(path: str | Path, dtype_bytes: int | None = None) -> Wei
             else:
                 trunk += n
     recipe = (cfg.raw.get("step35_mlx") or {}).get("recipe")
+    if recipe is None and folder.mlx_lm:
+        recipe = "mlx-lm " + ("/".join(map(str, folder.mlx_lm.weight_bits)) + "-bit" if folder.mlx_lm.weight_bits
+                              else "float")
     if recipe is None:
         recipe = "quantized" if cfg.raw.get("quantization") else "float"
     return WeightSizes(trunk, mtp, f"{recipe} ({path.name})", recipe, upcast, measured=True)
@@ -909,8 +916,10 @@ def preflight(path: str | Path, *, context: int | None = None, kv_bits: int | No
     even ``min_context`` tokens -- fits. On macOS with Metal it then wires the planned bytes
     (:func:`set_wired_limit`; ``wire=False`` skips that).
     """
+    from .mlx_lm_format import read_folder
+
     path = Path(path)
-    cfg = ModelConfig.from_file(path)
+    cfg = read_folder(path).config
     machine = machine or machine_memory()
     cap = cfg.max_position_embeddings
     # the same messages as generate.resolve_settings / new_cache, which would refuse these later

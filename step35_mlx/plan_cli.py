@@ -68,6 +68,7 @@ def resolve_target(model: Optional[str], recipe: Optional[str]) -> Target:
     from .config import ModelConfig
     from .data import release_config
     from .hub import DEMO_NAME, ModelNotFoundError, _looks_like_repo, resolve_model
+    from .mlx_lm_format import read_folder
     from .plan import folder_activation_bytes, folder_weight_sizes
     from .quant.recipes import DEFAULT_RECIPE, get_recipe
 
@@ -87,7 +88,7 @@ def resolve_target(model: Optional[str], recipe: Optional[str]) -> Target:
         except ModelNotFoundError:
             raw = _hub_config(model)
     if folder is not None:
-        cfg = ModelConfig.from_file(folder)
+        cfg = read_folder(folder).config  # an mlx-lm conversion: its real MTP count and module names
         raw = cfg.raw
         name = str(folder)
     else:
