@@ -69,6 +69,11 @@ def mlx_lm_name(key: str) -> str:
     return key
 
 
+def is_mlx_lm(names: list[str]) -> bool:
+    """True when tensor names carry mlx-lm's MoE naming (``.mlp.switch_mlp.``, ``.mlp.gate.gate.`` ...)."""
+    return any(m in k for k in names for m in _MLX_LM_MARKERS)
+
+
 def _module_original(path: str) -> str:
     return original_name(path + ".")[:-1]
 
@@ -163,6 +168,11 @@ def _check_names(path: Path, names: list[str], n_layers: int, graft: dict | None
             f"original names (e.g. {old[0]}); convert it again with mlx_lm.convert or re-download it"
         )
     extra = [k for k in names if not trunk(k)]
+    if graft and not extra:
+        raise CheckpointError(
+            f"graft-mtp did not finish in {path}: config.json records MTP heads but the index lists none; "
+            f"rerun `step35-mlx graft-mtp {path}`"
+        )
     if extra and not graft:
         raise CheckpointError(
             f"{path} is an mlx-lm conversion holding MTP tensors (e.g. {extra[0]}) that graft-mtp did not record "
@@ -218,7 +228,7 @@ def read_folder(path: str | Path) -> FolderFormat:
     if not path.is_dir() or config.raw.get("step35_mlx"):
         return FolderFormat(config)
     names = tensor_names(path)
-    if not any(m in k for k in names for m in _MLX_LM_MARKERS):
+    if not is_mlx_lm(names):
         return FolderFormat(config)
     raw = copy.deepcopy(config.raw)
     graft = raw.get(GRAFT_KEY)
