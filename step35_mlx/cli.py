@@ -76,6 +76,10 @@ from . import serve_cli  # noqa: E402  (command: serve)
 
 app.command("serve")(serve_cli.serve)
 
+from . import graft_cli  # noqa: E402  (command: graft-mtp)
+
+app.command("graft-mtp", help=graft_cli.GRAFT_HELP)(graft_cli.graft_mtp)
+
 
 @app.command()
 def tune(

@@ -165,10 +165,27 @@ def plan_graft(folder: str | Path, repo: str = DEFAULT_REPO, revision: str | Non
     return plan
 
 
-def config_estimate(config: ModelConfig | dict) -> tuple[int, int]:
-    """(MTP tensors, their bytes in the bf16 release) from the config's shapes alone, with no index at hand."""
+@dataclass(frozen=True)
+class GraftEstimate:
+    tensors: int
+    download_bytes: int  # the MTP tensors in the bf16 release
+    output_bytes: int  # after quantization with the recipe
+
+
+def config_estimate(config: ModelConfig | dict, recipe: Recipe | None) -> GraftEstimate:
+    """Graft sizes from the config's shapes alone (no index at hand), assuming the bf16 release."""
     tensors = [(n, s) for n, s in expected_tensors(config) if n.startswith("model.mtp.")]
-    return len(tensors), sum(nbytes(source_dtype_for(n), s) for n, s in tensors)
+    out = 0
+    for n, s in tensors:
+        spec = effective_spec(recipe.spec_for(n), s) if recipe else None
+        out += tensor_bytes(output_tensors(n, s, source_dtype_for(n), spec))
+    return GraftEstimate(len(tensors), sum(nbytes(source_dtype_for(n), s) for n, s in tensors), out)
+
+
+def target_config(folder: str | Path, bits: int | None = None) -> tuple[ModelConfig, Recipe | None]:
+    """The mlx-lm folder's config (MTP count as config.json states it) and the recipe a graft would use."""
+    raw, config, _ = _target(Path(folder))
+    return config, _recipe(raw, bits)
 
 
 # ----------------------------------------------------------------------------- fetch, quantize, write

@@ -25,7 +25,14 @@ _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 
 
 class RemoteError(ConvertError):
-    """The Hub (or the server at ``HF_ENDPOINT``) did not answer as a range-capable file host."""
+    """The Hub (or the server at ``HF_ENDPOINT``) did not answer as a range-capable file host.
+
+    ``unreachable`` is true when no answer came at all (connection refused, DNS, offline).
+    """
+
+    def __init__(self, message: str, unreachable: bool = False):
+        super().__init__(message)
+        self.unreachable = unreachable
 
 
 @dataclass(frozen=True)
@@ -78,7 +85,8 @@ class RepoFiles:
             else:  # requests session (huggingface-hub 0.x)
                 r = stack.enter_context(self.session.get(url, headers=headers, stream=True, allow_redirects=True))
         except Exception as e:  # noqa: BLE001 - connection errors of httpx or requests
-            raise RemoteError(f"cannot read {filename} of {self.repo} from {url}: {type(e).__name__}: {e}") from None
+            raise RemoteError(f"cannot read {filename} of {self.repo} from {url}: {type(e).__name__}: {e}",
+                              unreachable=True) from None
         with stack:
             yield r
 
