@@ -92,7 +92,8 @@ def graft_mtp(
         try:
             result = run_graft(folder, source, revision, bits=bits, progress=progress)
         finally:
-            bar.stop()
+            if bar.live.is_started:
+                bar.stop()
     except KeyboardInterrupt:
         typer.secho("interrupted; run the same command again to resume (downloaded bytes are kept)",
                     fg=typer.colors.YELLOW, err=True)

@@ -84,7 +84,11 @@ class HubServer:
                     server.log.requests.append((name, rng, status))
                 self._send(status, data, head)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(ThreadingHTTPServer):
+            def handle_error(self, request, client_address):  # a client hanging up on a refused answer is fine
+                pass
+
+        self.httpd = Server(("127.0.0.1", 0), Handler)
         self.endpoint = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 

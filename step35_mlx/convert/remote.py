@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 from .safetensors_io import MAX_HEADER, SafetensorsError, TensorInfo, nbytes
 from .source import ConvertError
 
-CHUNK = 8 * 2**20
+CHUNK = 64 * 2**10  # small: an interrupted body keeps all but the last piece
 _SHA = re.compile(r"^[0-9a-f]{40}$")
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 
@@ -92,7 +92,9 @@ class RepoFiles:
 
     @staticmethod
     def _chunks(r, size: int) -> Iterator[bytes]:
-        return r.iter_bytes(size) if hasattr(r, "iter_bytes") else r.iter_content(size)
+        """Body pieces as they arrive (httpx: unbuffered; requests: at most ``size``), so an interrupted
+        download keeps almost everything it received."""
+        return r.iter_bytes() if hasattr(r, "iter_bytes") else r.iter_content(size)
 
     def pin(self, filename: str) -> bytes:
         """Read ``filename`` whole at the requested revision and pin ``revision`` to the commit it came from.
