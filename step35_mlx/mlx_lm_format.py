@@ -70,8 +70,8 @@ def mlx_lm_name(key: str) -> str:
 
 
 def is_mlx_lm(names: list[str]) -> bool:
-    """True when tensor names carry mlx-lm's MoE naming (``.mlp.switch_mlp.``, ``.mlp.gate.gate.`` ...)."""
-    return any(m in k for k in names for m in _MLX_LM_MARKERS)
+    """True when tensor (or module) names carry mlx-lm's MoE naming (``.mlp.switch_mlp.``, ``.mlp.gate.gate`` ...)."""
+    return any(m in k + "." for k in names for m in _MLX_LM_MARKERS)
 
 
 def _module_original(path: str) -> str:
@@ -236,9 +236,21 @@ def read_folder(path: str | Path) -> FolderFormat:
     block = raw.get("quantization")
     folder = MlxLmFolder(path, config.num_hidden_layers, config.num_nextn_predict_layers, graft,
                          *_bits(names, block))
-    text = text_config(raw)
-    text["num_nextn_predict_layers"] = folder.mtp_layers
+    return FolderFormat(ModelConfig.from_dict(_corrected(raw, folder.mtp_layers)), folder)
+
+
+def _corrected(raw: dict, mtp_layers: int) -> dict:
+    text_config(raw)["num_nextn_predict_layers"] = mtp_layers
     raw.pop("quantization_config", None)
-    if block:
-        raw["quantization"] = _quantization(block)
-    return FolderFormat(ModelConfig.from_dict(raw), folder)
+    if raw.get("quantization"):
+        raw["quantization"] = _quantization(raw["quantization"])
+    return raw
+
+
+def remote_config(raw: dict) -> dict:
+    """A config.json read without its folder (``plan --model REPO``): corrected when its quantization
+    block names mlx-lm modules, which only an mlx-lm conversion (no MTP heads) has."""
+    block = raw.get("quantization")
+    if not isinstance(block, dict) or not is_mlx_lm(list(block)) or raw.get(GRAFT_KEY):
+        return raw
+    return _corrected(copy.deepcopy(raw), 0)

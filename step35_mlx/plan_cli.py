@@ -68,7 +68,7 @@ def resolve_target(model: Optional[str], recipe: Optional[str]) -> Target:
     from .config import ModelConfig
     from .data import release_config
     from .hub import DEMO_NAME, ModelNotFoundError, _looks_like_repo, resolve_model
-    from .mlx_lm_format import read_folder
+    from .mlx_lm_format import read_folder, remote_config
     from .plan import folder_activation_bytes, folder_weight_sizes
     from .quant.recipes import DEFAULT_RECIPE, get_recipe
 
@@ -86,7 +86,7 @@ def resolve_target(model: Optional[str], recipe: Optional[str]) -> Target:
         try:
             folder = resolve_model(model, allow_download=False)  # already in the local HF cache
         except ModelNotFoundError:
-            raw = _hub_config(model)
+            raw = remote_config(_hub_config(model))  # an mlx-lm repo: no MTP, its module names
     if folder is not None:
         cfg = read_folder(folder).config  # an mlx-lm conversion: its real MTP count and module names
         raw = cfg.raw
