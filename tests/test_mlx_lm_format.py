@@ -16,7 +16,9 @@ from conftest import rel_err, tokens_for
 from mlxlmkit import CONFIG, VARIANTS, conversions, copy_of
 from step35_mlx import CheckpointError, load_model
 from step35_mlx.generate import ar_tokens
-from step35_mlx.mlx_lm_format import mlx_lm_name, original_name, read_folder
+from step35_mlx.config import ModelConfig
+from step35_mlx.mlx_lm_format import mlx_lm_name, original_name, read_folder, remote_config
+from step35_mlx.plan import folder_weight_sizes, weight_sizes
 from step35_mlx.sampling import SamplingParams
 
 REPO = Path(__file__).resolve().parent.parent
@@ -117,7 +119,8 @@ def test_info_plan_and_generate_on_an_mlx_lm_folder():
     r = cli("plan", "--model", str(folder))
     assert r.returncode == 0, r.stderr
     assert "mlx-lm 4-bit" in r.stdout
-    r = cli("generate", "--model", str(folder), "--prompt", "hello", "--max-tokens", "4", "--temperature", "0")
+    r = cli("generate", "--model", str(folder), "--prompt", "hello", "--max-tokens", "4", "--temperature", "0",
+            env={"HF_HUB_OFFLINE": "1"})  # a local folder: nothing to ask the Hub
     assert r.returncode == 0, r.stderr
     assert r.stderr.count("is an mlx-lm conversion (4-bit); without its 3 MTP heads") == 1
 
@@ -163,3 +166,16 @@ def test_unrecorded_mtp_tensors_are_refused(tmp_path):
     _rewrite(folder, lambda t: {**t, "model.mtp.0.enorm.weight": mx.zeros((CONFIG["hidden_size"],))})
     with pytest.raises(CheckpointError, match="graft-mtp did not record"):
         load_model(folder)
+
+
+@pytest.mark.parametrize("name", ["q4", "mixed_3_6"])
+def test_plan_from_a_repo_config_alone_matches_the_files(name):
+    """``plan --model REPO`` sees only config.json: corrected, it predicts the folder's real weight bytes."""
+    raw = json.loads((conversions()[name] / "config.json").read_text())
+    fixed = remote_config(raw)
+    cfg = ModelConfig.from_dict(fixed)
+    assert cfg.num_nextn_predict_layers == 0 and raw["num_nextn_predict_layers"] == 3
+    computed = weight_sizes(cfg, fixed["quantization"])
+    measured = folder_weight_sizes(conversions()[name], dtype_bytes=None)
+    assert computed.mtp == measured.mtp == 0
+    assert abs(computed.trunk - measured.trunk) / measured.trunk < 0.01
