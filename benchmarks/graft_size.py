@@ -42,8 +42,9 @@ def main() -> None:
               f"download {est.download_bytes / 1e9:.3f} GB ({100 * est.download_bytes / total:.2f} % of the release), "
               f"written {est.output_bytes / 1e9:.3f} GB")
     routers = [(n, s) for n, s in expected_tensors(cfg) if n.endswith(".moe.gate.weight")]
-    print(f"float routers (not grafted, see README): {len(routers)} x {list(routers[0][1])} bf16 = "
-          f"{sum(2 * s[0] * s[1] for _, s in routers) / 1e6:.1f} MB")
+    est = config_estimate(cfg, uniform(4))
+    print(f"--restore: {est.restore_tensors} tensors, {est.restore_bytes / 1e6:.1f} MB (the {len(routers)} float "
+          f"routers {list(routers[0][1])} bf16: {sum(2 * s[0] * s[1] for _, s in routers) / 1e6:.1f} MB; the rest norms)")
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "Step-3.5-Flash-4bit"
@@ -55,8 +56,8 @@ def main() -> None:
         (folder / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {}, "weight_map": {n: "model-00001-of-00023.safetensors" for n in names}}))
         env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "PYTHONPATH": str(REPO)}
-        cmd = [sys.executable, "-m", "step35_mlx", "graft-mtp", str(folder), "--dry-run"]
-        print("$ HF_ENDPOINT=http://127.0.0.1:9 step35-mlx graft-mtp Step-3.5-Flash-4bit --dry-run")
+        cmd = [sys.executable, "-m", "step35_mlx", "graft-mtp", str(folder), "--dry-run", "--restore"]
+        print("$ HF_ENDPOINT=http://127.0.0.1:9 step35-mlx graft-mtp Step-3.5-Flash-4bit --dry-run --restore")
         print(subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO).stdout.rstrip())
 
 

@@ -13,6 +13,7 @@ Reads only the MTP tensors of the original checkpoint with HTTP range requests (
 the headers of the shards that hold them, then the tensors: about 4.9 GB of the 400 GB),
 quantizes them like the folder (or --bits) and adds one shard, index and config entries.
 The big shards are not touched; mlx-lm still loads the folder. An interrupted run resumes.
+--restore also fetches the float routers and exact norms mlx-lm quantized / rounded (~100 MB).
 
 Example: step35-mlx graft-mtp ~/models/Step-3.5-Flash-4bit --dry-run
 """
@@ -27,7 +28,7 @@ def _gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
 
 
-def _dry_run(folder: Path, repo: str, revision: Optional[str], bits: Optional[int]) -> None:
+def _dry_run(folder: Path, repo: str, revision: Optional[str], bits: Optional[int], restore: bool) -> None:
     from .convert.graft import config_estimate, plan_graft, target_config
     from .convert.remote import RemoteError
 
@@ -35,20 +36,25 @@ def _dry_run(folder: Path, repo: str, revision: Optional[str], bits: Optional[in
     quant = f"{recipe.default.bits}-bit g{recipe.default.group_size}" if recipe else "kept float"
     est = config_estimate(config, recipe)
     try:
-        plan = plan_graft(folder, repo, revision, bits=bits)
+        plan = plan_graft(folder, repo, revision, bits=bits, restore=restore)
     except RemoteError as e:
         if not e.unreachable:
             raise
         typer.echo(f"cannot reach the Hub ({e}); sizes from config.json shapes instead (bf16 release):")
         typer.echo(f"  {est.tensors} MTP tensors of {config.num_nextn_predict_layers} layers: "
                    f"download {_gb(est.download_bytes)}, written {_gb(est.output_bytes)} ({quant})")
+        if restore:
+            typer.echo(f"  --restore: {est.restore_tensors} float routers and norms, {_gb(est.restore_bytes)} more")
         return
     typer.echo(f"graft plan for {folder} from {plan.repo}@{plan.revision}:")
     typer.echo(f"  read {len(plan.tensors)} MTP tensors of {plan.mtp_layers} layers from {len(plan.shards_read)} "
                f"of {plan.shards_total} shards ({', '.join(plan.shards_read)})")
     typer.echo(f"  download {_gb(plan.download_bytes)} + {_gb(plan.metadata_bytes)} index and headers (already read); "
                f"config shapes say {_gb(est.download_bytes)}")
-    typer.echo(f"  write {_gb(plan.shard_bytes)} ({quant}) as model-mtp.safetensors; nothing written now (--dry-run)")
+    if plan.restore:
+        typer.echo(f"  and {len(plan.restore.tensors)} float routers and norms ({_gb(plan.restore.data_bytes)}) "
+                   "into step35-restore/ (--restore)")
+    typer.echo(f"  write {_gb(plan.shard_bytes)} ({quant} heads); nothing written now (--dry-run)")
 
 
 def graft_mtp(
@@ -60,6 +66,8 @@ def graft_mtp(
     bits: Optional[int] = typer.Option(None, "--bits", help="Quantize the heads to these bits (2,3,4,5,6,8); "
                                                             "default: the folder's own bits, float if unquantized.",
                                        show_default=False),
+    restore: bool = typer.Option(False, "--restore", help="Also fetch the float routers and exact zero-centred norms "
+                                                          "(about 100 MB; used by step35-mlx, not by mlx-lm)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Show what would be downloaded and written; write nothing."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
@@ -77,7 +85,7 @@ def graft_mtp(
 
             QuantSpec(bits)
         if dry_run:
-            _dry_run(folder, source, revision, bits)
+            _dry_run(folder, source, revision, bits, restore)
             return
         bar = Progress(TextColumn("[bold]fetching MTP heads"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                        TimeRemainingColumn(), console=Console(stderr=True), disable=quiet)
@@ -90,7 +98,7 @@ def graft_mtp(
             bar.update(task, completed=done, total=total)
 
         try:
-            result = run_graft(folder, source, revision, bits=bits, progress=progress)
+            result = run_graft(folder, source, revision, bits=bits, restore=restore, progress=progress)
         finally:
             if bar.live.is_started:
                 bar.stop()
@@ -105,6 +113,8 @@ def graft_mtp(
         typer.echo(f"{folder} already has its MTP heads (from {rec['repo']}@{rec['revision']}); nothing to do")
         return
     plan = result.plan
-    typer.echo(f"grafted {plan.mtp_layers} MTP layers ({len(plan.tensors)} tensors) from {plan.repo}@{plan.revision}: "
-               f"{_gb(result.received)} downloaded, {_gb(plan.shard_bytes)} written to {folder}. "
-               f"Try: step35-mlx generate --model {folder} --mtp")
+    what = [f"{plan.mtp_layers} MTP layers ({len(plan.tensors)} tensors)"] if plan.tensors else []
+    if plan.restore:
+        what.append(f"{len(plan.restore.tensors)} float routers and norms")
+    typer.echo(f"grafted {' and '.join(what)} from {plan.repo}@{plan.revision}: {_gb(result.received)} downloaded, "
+               f"{_gb(plan.shard_bytes)} written to {folder}. Try: step35-mlx generate --model {folder} --mtp")

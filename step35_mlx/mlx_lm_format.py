@@ -23,6 +23,7 @@ exactly the stored value. MTP tensors added by ``step35-mlx graft-mtp`` live und
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import re
 from dataclasses import dataclass
@@ -115,6 +116,12 @@ class MlxLmFolder:
     def mtp_layers(self) -> int:
         return int(self.graft["mtp_layers"]) if self.graft else 0
 
+    @property
+    def restore_file(self) -> Path | None:
+        """The float routers and zero-centred norms fetched by ``graft-mtp --restore``, if any."""
+        rec = (self.graft or {}).get("restore")
+        return self.path / rec["file"] if rec else None
+
     def notice(self) -> str:
         """The one line said when such a folder loads: what it is and what it lacks."""
         bits = "/".join(str(b) for b in self.weight_bits)
@@ -125,7 +132,9 @@ class MlxLmFolder:
         else:
             parts.append(f"without its {self.stale_mtp} MTP heads (no speculative decoding; "
                          f"`step35-mlx graft-mtp {self.path}` adds them)")
-        if self.router_bits in ROUTER_TOP8_CHANGE:
+        if self.restore_file:
+            parts.append("float routers and exact norms restored from the original")
+        elif self.router_bits in ROUTER_TOP8_CHANGE:
             parts.append(f"its {self.router_bits}-bit router changes the top-8 experts for "
                          f"{ROUTER_TOP8_CHANGE[self.router_bits]} of tokens per layer vs the float one")
         elif self.router_bits:
@@ -136,7 +145,8 @@ class MlxLmFolder:
     def to_checkpoint(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Tensors under the original names with zero-centred norms (``s - 1`` in float32).
 
-        Grafted MTP tensors (``model.mtp.*``) are already zero-centred and pass unchanged.
+        Grafted MTP tensors (``model.mtp.*``) are already zero-centred and pass unchanged. With a
+        restore file, its float routers and exact norms replace the quantized and rounded ones.
         """
         out = {}
         for k, v in weights.items():
@@ -144,6 +154,17 @@ class MlxLmFolder:
             if _is_norm(name) and not name.startswith("model.mtp."):
                 v = v.astype(mx.float32) - 1.0
             out[name] = v
+        if self.restore_file:
+            try:
+                restored = mx.load(str(self.restore_file))
+            except Exception as e:  # MLX raises RuntimeError/ValueError variants for damaged files
+                raise CheckpointError(f"{self.restore_file} cannot be read ({e}); rerun graft-mtp --restore") from e
+            for name, v in restored.items():
+                if name.endswith(".moe.gate.weight"):
+                    base = name[: -len(".weight")]
+                    out.pop(base + ".scales", None)
+                    out.pop(base + ".biases", None)
+                out[name] = v
         return out
 
 
@@ -236,7 +257,15 @@ def read_folder(path: str | Path) -> FolderFormat:
     block = raw.get("quantization")
     folder = MlxLmFolder(path, config.num_hidden_layers, config.num_nextn_predict_layers, graft,
                          *_bits(names, block))
-    return FolderFormat(ModelConfig.from_dict(_corrected(raw, folder.mtp_layers)), folder)
+    raw = _corrected(raw, folder.mtp_layers)
+    if folder.restore_file:
+        if not folder.restore_file.is_file():
+            raise CheckpointError(f"config.json of {path} records restored routers and norms in "
+                                  f"{folder.restore_file}, which is missing; rerun `step35-mlx graft-mtp --restore`")
+        folder = dataclasses.replace(folder, router_bits=None)
+        if raw.get("quantization"):  # the float routers replace the quantized ones
+            raw["quantization"].update({f"model.layers.{i}.moe.gate": False for i in config.moe_layers})
+    return FolderFormat(ModelConfig.from_dict(raw), folder)
 
 
 def _corrected(raw: dict, mtp_layers: int) -> dict:

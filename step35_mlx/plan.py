@@ -260,11 +260,13 @@ def folder_weight_sizes(path: str | Path, dtype_bytes: int | None = None) -> Wei
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors files in {path}")
+    restore = folder.mlx_lm.restore_file if folder.mlx_lm else None
+    replaced = set(SafetensorsFile(restore).tensors) if restore else set()  # float routers, exact norms
     trunk = mtp = upcast = 0
-    for f in files:
+    for f in files + ([restore] if restore else []):
         for info in SafetensorsFile(f).tensors.values():
             name = hf_to_internal(original_name(info.name) if folder.mlx_lm else info.name, cfg.num_hidden_layers)
-            if name is None:
+            if name is None or (f != restore and name.rsplit(".", 1)[0] + ".weight" in replaced):
                 continue
             n, extra = _in_memory(name, info.shape, info.dtype, info.nbytes, dtype_bytes)
             upcast += extra

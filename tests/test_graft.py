@@ -122,9 +122,10 @@ def test_mlx_lm_still_loads_the_grafted_folder(grafted):
 def test_cli_dry_run_then_graft_then_nothing_to_do(tmp_path):
     folder = copy_of("mixed_3_6", tmp_path / "mixed")
     with HubServer(conversions()["hf"], SOURCE) as hub:
-        r = cli("graft-mtp", str(folder), "--from", SOURCE, "--dry-run", endpoint=hub.endpoint)
+        r = cli("graft-mtp", str(folder), "--from", SOURCE, "--dry-run", "--restore", endpoint=hub.endpoint)
         assert r.returncode == 0, r.stderr
         assert f"from {SOURCE}@{COMMIT}" in r.stdout and "read 51 MTP tensors of 3 layers" in r.stdout
+        assert "and 20 float routers and norms" in r.stdout  # 3 routers + 17 norms of the 4-layer trunk
         assert not (folder / GRAFT_SHARD).exists()
         r = cli("graft-mtp", str(folder), "--from", SOURCE, "--revision", COMMIT, "--bits", "6", "--quiet",
                 endpoint=hub.endpoint)
@@ -173,3 +174,38 @@ def test_interrupted_graft_resumes_where_it_stopped(tmp_path):
     assert first - (index + headers) >= kept  # kept bytes are bytes the server sent, none invented
     model = load_model(folder, dtype=mx.float32)  # unquantized folder: heads kept bf16 -> float
     assert model.num_mtp == 3 and not hasattr(model.model.mtp[0].eh_proj, "scales")
+
+
+def test_restore_float_routers_and_norms_gives_our_own_conversion(grafted, tmp_path):
+    """--restore on the grafted 4-bit folder: the same model as our q4 conversion of the original, exactly."""
+    import shutil
+
+    from step35_mlx.plan import folder_weight_sizes
+
+    folder = tmp_path / "restored"
+    shutil.copytree(grafted[0], folder)
+    hf = conversions()["hf"]
+    n = CONFIG["num_hidden_layers"]
+    wanted = {}
+    for f in sorted(hf.glob("*.safetensors")):
+        st = SafetensorsFile(f)
+        mine = [t for k, t in st.tensors.items() if int(k.split(".")[2] if k.startswith("model.layers.") else -1) < n
+                and (k.endswith(".moe.gate.weight") or (k.endswith("norm.weight")))]
+        if mine:
+            wanted[f.name] = (st.header_bytes, sum(t.nbytes for t in mine), len(mine))
+    with HubServer(hf, SOURCE) as hub:
+        result = graft_mtp(folder, SOURCE, endpoint=hub.endpoint, restore=True)
+        sent = hub.log.sent
+    index = (hf / "model.safetensors.index.json").stat().st_size
+    assert sent == index + sum(h + d for h, d, _ in wanted.values())  # no MTP tensor again, only routers + norms
+    assert len(result.plan.restore.tensors) == sum(c for _, _, c in wanted.values())
+    restored, ours = load_model(folder, dtype=mx.float32), load_model(grafted[3], dtype=mx.float32)
+    assert not hasattr(restored.layers[1].moe.gate, "scales")  # float router
+    tokens = tokens_for(CONFIG["vocab_size"], 16, seed=6)
+    np.testing.assert_array_equal(np.array(restored(tokens)), np.array(ours(tokens)))
+    assert folder_weight_sizes(folder, 4).trunk == folder_weight_sizes(grafted[3], 4).trunk
+    from mlx_lm import load as mlx_lm_load  # mlx-lm ignores step35-restore/: its model is unchanged
+
+    before, _ = mlx_lm_load(str(conversions()["q4"]))
+    after, _ = mlx_lm_load(str(folder))
+    np.testing.assert_array_equal(np.array(before(tokens).astype(mx.float32)), np.array(after(tokens).astype(mx.float32)))

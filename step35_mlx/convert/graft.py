@@ -33,6 +33,8 @@ from .source import ConvertError
 
 DEFAULT_REPO = "stepfun-ai/Step-3.5-Flash"
 GRAFT_SHARD = "model-mtp.safetensors"
+RESTORE_DIR = "step35-restore"  # outside mlx-lm's glob of the folder's *.safetensors
+RESTORE_FILE = "model.safetensors"
 STAGING = ".graft-mtp"
 CHUNK_ELEMS = 8 * 2**20
 
@@ -48,32 +50,71 @@ class MtpTensor:
 
 
 @dataclass
-class GraftPlan:
-    """Everything a graft reads and writes, decided from the remote headers alone."""
+class OutputFile:
+    """One file a graft writes: its tensors in order, planned header and offsets."""
 
-    folder: Path
-    repo: str
-    revision: str  # the commit
-    mtp_layers: int
+    path: Path
     tensors: list[MtpTensor]
-    shards_read: list[str]
-    shards_total: int
-    metadata_bytes: int  # index + safetensors headers read
-    recipe: Recipe | None
     header: bytes = b""
     offsets: list[int] = field(default_factory=list)
 
-    @property
-    def download_bytes(self) -> int:
-        return sum(t.info.nbytes for t in self.tensors)
+    def __post_init__(self):
+        self.header, self.offsets = encode_header([o for t in self.tensors for o in t.outputs], {"format": "mlx"})
 
     @property
     def data_bytes(self) -> int:
         return sum(tensor_bytes(t.outputs) for t in self.tensors)
 
     @property
-    def shard_bytes(self) -> int:
+    def size(self) -> int:
         return len(self.header) + self.data_bytes
+
+    def complete(self) -> bool:
+        try:
+            with open(self.path, "rb") as f:
+                return self.path.stat().st_size == self.size and f.read(len(self.header)) == self.header
+        except OSError:
+            return False
+
+
+@dataclass
+class GraftPlan:
+    """Everything a graft reads and writes, decided from the remote headers alone.
+
+    ``shard``: the MTP heads (empty when the folder has them already); ``restore``: the float
+    routers and zero-centred norms of the trunk, when asked for (``None`` otherwise).
+    """
+
+    folder: Path
+    repo: str
+    revision: str  # the commit
+    mtp_layers: int
+    shard: OutputFile
+    restore: OutputFile | None
+    shards_read: list[str]
+    shards_total: int
+    metadata_bytes: int  # index + safetensors headers read
+    recipe: Recipe | None
+
+    @property
+    def tensors(self) -> list[MtpTensor]:
+        return self.shard.tensors
+
+    @property
+    def outputs(self) -> list[OutputFile]:
+        return [f for f in (self.shard, self.restore) if f is not None and f.tensors]
+
+    @property
+    def download_bytes(self) -> int:
+        return sum(t.info.nbytes for f in self.outputs for t in f.tensors)
+
+    @property
+    def data_bytes(self) -> int:
+        return self.shard.data_bytes
+
+    @property
+    def shard_bytes(self) -> int:
+        return sum(f.size for f in self.outputs)
 
     @property
     def staging(self) -> Path:
@@ -113,6 +154,19 @@ def is_grafted(folder: Path) -> bool:
     return bool(raw.get(GRAFT_KEY)) and any(k.startswith("model.mtp.") for k in tensor_names(folder))
 
 
+def is_restored(folder: Path) -> bool:
+    rec = json.loads((folder / "config.json").read_text()).get(GRAFT_KEY) or {}
+    return bool(rec.get("restore")) and (folder / RESTORE_DIR / RESTORE_FILE).is_file()
+
+
+def _restorable(name: str) -> bool:
+    """Trunk tensors mlx-lm degrades: the routers (quantized) and the norms (``1 + w`` rounded)."""
+    if name.startswith("model.mtp."):
+        return False
+    leaf = name.rsplit(".", 2)
+    return name.endswith(".moe.gate.weight") or (len(leaf) == 3 and leaf[2] == "weight" and "norm" in leaf[1])
+
+
 def _recipe(raw: dict, bits: int | None) -> Recipe | None:
     """``--bits`` as a uniform recipe; by default the folder's own global bits and group size (float if it has none)."""
     block = raw.get("quantization")
@@ -124,8 +178,13 @@ def _recipe(raw: dict, bits: int | None) -> Recipe | None:
 
 
 def plan_graft(folder: str | Path, repo: str = DEFAULT_REPO, revision: str | None = None, *, bits: int | None = None,
-               endpoint: str | None = None, remote: RepoFiles | None = None) -> GraftPlan:
-    """Read the original's index and the headers of the shards holding MTP tensors; plan the output shard."""
+               endpoint: str | None = None, remote: RepoFiles | None = None, mtp: bool = True,
+               restore: bool = False) -> GraftPlan:
+    """Read the original's index and the headers of the shards holding the wanted tensors; plan the output files.
+
+    ``mtp``: the MTP heads (quantized like the folder); ``restore``: also the trunk's float routers
+    and zero-centred norms (kept as they are, in ``step35-restore/``).
+    """
     folder = Path(folder)
     raw, config, _ = _target(folder)
     recipe = _recipe(raw, bits)
@@ -136,33 +195,40 @@ def plan_graft(folder: str | Path, repo: str = DEFAULT_REPO, revision: str | Non
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise RemoteError(f"{INDEX_FILE} of {repo}@{remote.revision} is not a safetensors index ({e})") from None
     n = config.num_hidden_layers
-    wanted = {k: f for k, f in weight_map.items() if (hf_to_internal(k, n) or "").startswith("model.mtp.")}
-    expected = {name: shape for name, shape in expected_tensors(config) if name.startswith("model.mtp.")}
-    found = {hf_to_internal(k, n): k for k in wanted}
+
+    def wanted_name(name: str) -> bool:
+        return (mtp and name.startswith("model.mtp.")) or (restore and _restorable(name))
+
+    expected = {name: shape for name, shape in expected_tensors(config) if wanted_name(name)}
+    found = {hf_to_internal(k, n): k for k in weight_map}
     missing = sorted(set(expected) - set(found))
     if missing:
-        raise ConvertError(f"{repo}@{remote.revision[:12]} lacks {len(missing)} MTP tensor(s) the config needs "
+        raise ConvertError(f"{repo}@{remote.revision[:12]} lacks {len(missing)} tensor(s) the config needs "
                            f"(e.g. {missing[0]}); is it the original Step 3.5 Flash checkpoint?")
-    shards = sorted(set(wanted.values()))
+    shards = sorted({weight_map[found[name]] for name in expected})
     headers = {s: remote.header(s) for s in shards}
-    tensors = []
+    heads, restored = [], []
     for name in sorted(expected, key=_natural):
         key = found[name]
-        info = headers[wanted[key]].tensors.get(key)
+        info = headers[weight_map[key]].tensors.get(key)
         if info is None:
-            raise RemoteError(f"{INDEX_FILE} of {repo} puts {key} in {wanted[key]}, whose header lacks it")
+            raise RemoteError(f"{INDEX_FILE} of {repo} puts {key} in {weight_map[key]}, whose header lacks it")
         if info.shape != tuple(expected[name]):
             raise ConvertError(f"{repo}: {key} has shape {list(info.shape)}; the config of {folder} needs "
                                f"{list(expected[name])} (a different model?)")
         if info.dtype not in FLOAT_DTYPES:
             raise ConvertError(f"{repo}: {key} is {info.dtype}; graft-mtp reads the bf16 original only")
-        spec = effective_spec(recipe.spec_for(name), info.shape) if recipe else None
-        outputs = output_tensors(mlx_lm_name(name), info.shape, info.dtype, spec)
-        tensors.append(MtpTensor(key, name, info, wanted[key], spec, outputs))
-    plan = GraftPlan(folder, repo, remote.revision, config.num_nextn_predict_layers, tensors, shards,
-                     len(set(weight_map.values())), remote.received, recipe)
-    plan.header, plan.offsets = encode_header([o for t in tensors for o in t.outputs], {"format": "mlx"})
-    return plan
+        if name.startswith("model.mtp."):
+            spec = effective_spec(recipe.spec_for(name), info.shape) if recipe else None
+            heads.append(MtpTensor(key, name, info, weight_map[key], spec,
+                                   output_tensors(mlx_lm_name(name), info.shape, info.dtype, spec)))
+        else:
+            restored.append(MtpTensor(key, name, info, weight_map[key], None,
+                                      output_tensors(name, info.shape, info.dtype, None)))
+    return GraftPlan(folder, repo, remote.revision, config.num_nextn_predict_layers,
+                     OutputFile(folder / GRAFT_SHARD, heads),
+                     OutputFile(folder / RESTORE_DIR / RESTORE_FILE, restored) if restore else None,
+                     shards, len(set(weight_map.values())), remote.received, recipe)
 
 
 @dataclass(frozen=True)
@@ -170,16 +236,21 @@ class GraftEstimate:
     tensors: int
     download_bytes: int  # the MTP tensors in the bf16 release
     output_bytes: int  # after quantization with the recipe
+    restore_tensors: int  # the trunk's routers and norms (--restore)
+    restore_bytes: int  # downloaded and written as they are
 
 
 def config_estimate(config: ModelConfig | dict, recipe: Recipe | None) -> GraftEstimate:
     """Graft sizes from the config's shapes alone (no index at hand), assuming the bf16 release."""
-    tensors = [(n, s) for n, s in expected_tensors(config) if n.startswith("model.mtp.")]
+    every = expected_tensors(config)
+    tensors = [(n, s) for n, s in every if n.startswith("model.mtp.")]
     out = 0
     for n, s in tensors:
         spec = effective_spec(recipe.spec_for(n), s) if recipe else None
         out += tensor_bytes(output_tensors(n, s, source_dtype_for(n), spec))
-    return GraftEstimate(len(tensors), sum(nbytes(source_dtype_for(n), s) for n, s in tensors), out)
+    restore = [(n, s) for n, s in every if _restorable(n)]
+    return GraftEstimate(len(tensors), sum(nbytes(source_dtype_for(n), s) for n, s in tensors), out,
+                         len(restore), sum(nbytes(source_dtype_for(n), s) for n, s in restore))
 
 
 def target_config(folder: str | Path, bits: int | None = None) -> tuple[ModelConfig, Recipe | None]:
@@ -198,16 +269,17 @@ def _staged(plan: GraftPlan, t: MtpTensor) -> Path:
 def staged_bytes(plan: GraftPlan) -> int:
     """Bytes of the plan's tensors already on disk from an earlier, interrupted run."""
     total = 0
-    for t in plan.tensors:
-        done = _staged(plan, t)
-        part = done.with_suffix(".part")
-        total += done.stat().st_size if done.exists() else (part.stat().st_size if part.exists() else 0)
+    for f in plan.outputs:
+        for t in f.tensors:
+            done = _staged(plan, t)
+            part = done.with_suffix(".part")
+            total += done.stat().st_size if done.exists() else (part.stat().st_size if part.exists() else 0)
     return total
 
 
-def _fetch(plan: GraftPlan, remote: RepoFiles, advance: Callable[[int], None]) -> None:
+def _fetch(plan: GraftPlan, out: OutputFile, remote: RepoFiles, advance: Callable[[int], None]) -> None:
     plan.staging.mkdir(parents=True, exist_ok=True)
-    for t in plan.tensors:
+    for t in out.tensors:
         done = _staged(plan, t)
         if done.exists() and done.stat().st_size == t.info.nbytes:
             continue
@@ -234,15 +306,17 @@ def _rows(info: TensorInfo) -> int:
     return max(1, CHUNK_ELEMS // per_row)
 
 
-def _write_shard(plan: GraftPlan) -> None:
+def _write(plan: GraftPlan, out: OutputFile) -> None:
+    """Write ``out`` from the staged source bytes: quantized slice by slice, or the float bits as they are."""
     import mlx.core as mx
     import numpy as np
 
-    writer = ShardWriter(plan.folder / GRAFT_SHARD, plan.header, plan.data_bytes)
+    out.path.parent.mkdir(parents=True, exist_ok=True)
+    writer = ShardWriter(out.path, out.header, out.data_bytes)
     try:
         pos = 0
-        for t in plan.tensors:
-            offs = plan.offsets[pos: pos + len(t.outputs)]
+        for t in out.tensors:
+            offs = out.offsets[pos: pos + len(t.outputs)]
             pos += len(t.outputs)
             raw = np.memmap(_staged(plan, t), dtype=DTYPES[t.info.dtype][1], mode="r", shape=t.info.shape)
             step = _rows(t.info)
@@ -266,37 +340,32 @@ def _write_shard(plan: GraftPlan) -> None:
         raise
 
 
-def _shard_complete(plan: GraftPlan) -> bool:
-    path = plan.folder / GRAFT_SHARD
-    try:
-        with open(path, "rb") as f:
-            return path.stat().st_size == plan.shard_bytes and f.read(len(plan.header)) == plan.header
-    except OSError:
-        return False
-
-
 def graft_config(raw: dict, plan: GraftPlan) -> dict:
     """config.json with quantization entries for the grafted modules and the graft record."""
     cfg = copy.deepcopy(raw)
-    entries = {}
-    for t in plan.tensors:
-        if t.name.endswith(".weight") and len(t.info.shape) >= 2:
-            path = mlx_lm_name(t.name)[: -len(".weight")]
-            entries[path] = t.spec.as_config() if t.spec else False
-    for block in ("quantization", "quantization_config"):
-        if isinstance(cfg.get(block), dict):
-            cfg[block].update(entries)
-    text_config(cfg)["num_nextn_predict_layers"] = plan.mtp_layers
-    cfg[GRAFT_KEY] = {
-        "repo": plan.repo,
-        "revision": plan.revision,
-        "shard": GRAFT_SHARD,
-        "mtp_layers": plan.mtp_layers,
-        "tensors": len(plan.tensors),
-        "quantization": plan.recipe.default.as_config() if plan.recipe else None,
-        "norm_weights": "zero_centered",
-        "tool": f"step35-mlx {__version__}",
-    }
+    if plan.tensors:
+        entries = {}
+        for t in plan.tensors:
+            if t.name.endswith(".weight") and len(t.info.shape) >= 2:
+                entries[mlx_lm_name(t.name)[: -len(".weight")]] = t.spec.as_config() if t.spec else False
+        for block in ("quantization", "quantization_config"):
+            if isinstance(cfg.get(block), dict):
+                cfg[block].update(entries)
+        text_config(cfg)["num_nextn_predict_layers"] = plan.mtp_layers
+        cfg[GRAFT_KEY] = {
+            "repo": plan.repo,
+            "revision": plan.revision,
+            "shard": GRAFT_SHARD,
+            "mtp_layers": plan.mtp_layers,
+            "tensors": len(plan.tensors),
+            "quantization": plan.recipe.default.as_config() if plan.recipe else None,
+            "norm_weights": "zero_centered",
+            "tool": f"step35-mlx {__version__}",
+        }
+    if plan.restore is not None:
+        # read by step35-mlx only: config.json's router entries stay as mlx-lm wrote them
+        cfg[GRAFT_KEY]["restore"] = {"file": f"{RESTORE_DIR}/{RESTORE_FILE}", "tensors": len(plan.restore.tensors),
+                                     "revision": plan.revision}
     return cfg
 
 
@@ -321,18 +390,21 @@ def _write_index(plan: GraftPlan) -> None:
 
 
 def graft_mtp(folder: str | Path, repo: str = DEFAULT_REPO, revision: str | None = None, *, bits: int | None = None,
-              endpoint: str | None = None, progress: Callable[[int, int], None] | None = None) -> GraftResult:
+              endpoint: str | None = None, restore: bool = False,
+              progress: Callable[[int, int], None] | None = None) -> GraftResult:
     """Fetch, quantize and add the MTP heads of ``repo`` to the mlx-lm folder ``folder``.
 
-    ``progress(done, total)`` is called as tensor bytes arrive. A rerun after an interruption
-    downloads only the bytes not yet on disk (same commit). Raises ``ConvertError`` (and its
-    ``RemoteError``) with a message for the user.
+    ``restore`` also fetches the trunk's float routers and zero-centred norms (into
+    ``step35-restore/``, which mlx-lm never reads). ``progress(done, total)`` is called as tensor
+    bytes arrive. A rerun after an interruption downloads only the bytes not yet on disk (same
+    commit). Raises ``ConvertError`` (and its ``RemoteError``) with a message for the user.
     """
     folder = Path(folder)
     remote = RepoFiles(repo, revision, endpoint=endpoint)
-    if (folder / "config.json").is_file() and is_grafted(folder):
+    grafted = (folder / "config.json").is_file() and is_grafted(folder)
+    if grafted and (not restore or is_restored(folder)):
         return GraftResult(json.loads((folder / "config.json").read_text())[GRAFT_KEY])
-    plan = plan_graft(folder, repo, revision, bits=bits, remote=remote)
+    plan = plan_graft(folder, repo, revision, bits=bits, remote=remote, mtp=not grafted, restore=restore)
     raw = json.loads((folder / "config.json").read_text())
     done = staged_bytes(plan)
     total = plan.download_bytes
@@ -349,11 +421,13 @@ def graft_mtp(folder: str | Path, repo: str = DEFAULT_REPO, revision: str | None
 
     if progress:
         progress(done, total)
-    if not _shard_complete(plan):
-        _fetch(plan, remote, advance)
-        _write_shard(plan)
+    for out in plan.outputs:
+        if not out.complete():
+            _fetch(plan, out, remote, advance)
+            _write(plan, out)
     cfg = graft_config(raw, plan)
     atomic_write_json(folder / "config.json", cfg)
-    _write_index(plan)
+    if plan.tensors:
+        _write_index(plan)
     shutil.rmtree(folder / STAGING, ignore_errors=True)
     return GraftResult(cfg[GRAFT_KEY], plan, remote.received)
