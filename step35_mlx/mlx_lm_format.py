@@ -18,6 +18,8 @@ that subtraction is exact, and so is the model's ``1 + w``, so the runtime multi
 exactly the stored value. MTP tensors added by ``step35-mlx graft-mtp`` live under
 ``model.mtp.J.*`` (zero-centred norms) and are recorded in config.json under
 :data:`GRAFT_KEY`; mlx-lm itself drops ``.mtp`` keys, so a grafted folder still loads there.
+``graft-mtp --restore`` adds ``step35-restore/model.safetensors`` (float routers, exact norms),
+which replaces the quantized routers and rounded norms here and which mlx-lm never reads.
 """
 
 from __future__ import annotations
@@ -79,7 +81,8 @@ def _module_original(path: str) -> str:
     return original_name(path + ".")[:-1]
 
 
-def _is_norm(name: str) -> bool:
+def is_norm(name: str) -> bool:
+    """A norm weight (``*norm*.weight``), the tensors mlx-lm stores as ``1 + w``."""
     leaf = name.rsplit(".", 2)
     return len(leaf) == 3 and leaf[2] == "weight" and "norm" in leaf[1]
 
@@ -151,7 +154,7 @@ class MlxLmFolder:
         out = {}
         for k, v in weights.items():
             name = original_name(k)
-            if _is_norm(name) and not name.startswith("model.mtp."):
+            if is_norm(name) and not name.startswith("model.mtp."):
                 v = v.astype(mx.float32) - 1.0
             out[name] = v
         if self.restore_file:

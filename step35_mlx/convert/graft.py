@@ -7,6 +7,10 @@ folder inside the target (resumable, per byte), quantizes them with our recipe c
 writes one extra shard plus the index and config entries. Commit order: shard, then
 config.json (with the :data:`~step35_mlx.mlx_lm_format.GRAFT_KEY` record), then the index;
 until the index lists the new tensors the loader says the graft is unfinished.
+
+``restore=True`` also fetches the trunk's float routers and zero-centred norms (~100 MB for
+the release) into ``step35-restore/model.safetensors``, kept float; only step35-mlx reads it
+(``mlx_lm_format``), so config.json's router entries and mlx-lm's view of the folder stay as they were.
 """
 
 from __future__ import annotations
@@ -22,9 +26,10 @@ from typing import Callable
 from .. import __version__
 from ..config import ModelConfig, text_config
 from ..loader import INDEX_FILE, hf_to_internal
-from ..mlx_lm_format import GRAFT_KEY, is_mlx_lm, mlx_lm_name, tensor_names
-from ..quant.recipes import QuantSpec, Recipe, effective_spec, expected_tensors, output_tensors, source_dtype_for, \
-    tensor_bytes, uniform
+from ..mlx_lm_format import GRAFT_KEY, is_mlx_lm, is_norm, mlx_lm_name, tensor_names
+from ..quant.recipes import (
+    QuantSpec, Recipe, effective_spec, expected_tensors, output_tensors, source_dtype_for, tensor_bytes, uniform,
+)
 from .remote import RemoteError, RepoFiles
 from .safetensors_io import (
     DTYPES, FLOAT_DTYPES, ShardWriter, TensorInfo, atomic_write_json, encode_header, nbytes,
@@ -40,9 +45,11 @@ CHUNK_ELEMS = 8 * 2**20
 
 
 @dataclass(frozen=True)
-class MtpTensor:
+class RemoteTensor:
+    """A tensor of the source repo that a graft fetches."""
+
     key: str  # name in the source repo
-    name: str  # our internal name (model.mtp.J.*)
+    name: str  # our internal name (model.mtp.J.*, or a trunk router / norm for --restore)
     info: TensorInfo  # dtype, shape and absolute byte range in ``shard``
     shard: str
     spec: QuantSpec | None
@@ -54,7 +61,7 @@ class OutputFile:
     """One file a graft writes: its tensors in order, planned header and offsets."""
 
     path: Path
-    tensors: list[MtpTensor]
+    tensors: list[RemoteTensor]
     header: bytes = b""
     offsets: list[int] = field(default_factory=list)
 
@@ -97,7 +104,7 @@ class GraftPlan:
     recipe: Recipe | None
 
     @property
-    def tensors(self) -> list[MtpTensor]:
+    def tensors(self) -> list[RemoteTensor]:
         return self.shard.tensors
 
     @property
@@ -161,10 +168,7 @@ def is_restored(folder: Path) -> bool:
 
 def _restorable(name: str) -> bool:
     """Trunk tensors mlx-lm degrades: the routers (quantized) and the norms (``1 + w`` rounded)."""
-    if name.startswith("model.mtp."):
-        return False
-    leaf = name.rsplit(".", 2)
-    return name.endswith(".moe.gate.weight") or (len(leaf) == 3 and leaf[2] == "weight" and "norm" in leaf[1])
+    return not name.startswith("model.mtp.") and (name.endswith(".moe.gate.weight") or is_norm(name))
 
 
 def _recipe(raw: dict, bits: int | None) -> Recipe | None:
@@ -220,10 +224,10 @@ def plan_graft(folder: str | Path, repo: str = DEFAULT_REPO, revision: str | Non
             raise ConvertError(f"{repo}: {key} is {info.dtype}; graft-mtp reads the bf16 original only")
         if name.startswith("model.mtp."):
             spec = effective_spec(recipe.spec_for(name), info.shape) if recipe else None
-            heads.append(MtpTensor(key, name, info, weight_map[key], spec,
+            heads.append(RemoteTensor(key, name, info, weight_map[key], spec,
                                    output_tensors(mlx_lm_name(name), info.shape, info.dtype, spec)))
         else:
-            restored.append(MtpTensor(key, name, info, weight_map[key], None,
+            restored.append(RemoteTensor(key, name, info, weight_map[key], None,
                                       output_tensors(name, info.shape, info.dtype, None)))
     return GraftPlan(folder, repo, remote.revision, config.num_nextn_predict_layers,
                      OutputFile(folder / GRAFT_SHARD, heads),
@@ -262,7 +266,7 @@ def target_config(folder: str | Path, bits: int | None = None) -> tuple[ModelCon
 # ----------------------------------------------------------------------------- fetch, quantize, write
 
 
-def _staged(plan: GraftPlan, t: MtpTensor) -> Path:
+def _staged(plan: GraftPlan, t: RemoteTensor) -> Path:
     return plan.staging / f"{t.key}.bin"
 
 
