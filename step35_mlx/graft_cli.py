@@ -29,14 +29,19 @@ def _gb(n: int) -> str:
 
 
 def _dry_run(folder: Path, repo: str, revision: Optional[str], bits: Optional[int], restore: bool) -> None:
-    from .convert.graft import config_estimate, plan_graft, target_config
+    from .convert.graft import config_estimate, is_grafted, is_restored, plan_graft, target_config
     from .convert.remote import RemoteError
 
     config, recipe = target_config(folder, bits)
+    grafted = is_grafted(folder)
+    if grafted and (not restore or is_restored(folder)):
+        typer.echo(f"{folder} already has its MTP heads" + (" and restored routers and norms" if restore else "")
+                   + "; nothing to do")
+        return
     quant = f"{recipe.default.bits}-bit g{recipe.default.group_size}" if recipe else "kept float"
     est = config_estimate(config, recipe)
     try:
-        plan = plan_graft(folder, repo, revision, bits=bits, restore=restore)
+        plan = plan_graft(folder, repo, revision, bits=bits, mtp=not grafted, restore=restore)
     except RemoteError as e:
         if not e.unreachable:
             raise
@@ -49,8 +54,9 @@ def _dry_run(folder: Path, repo: str, revision: Optional[str], bits: Optional[in
     typer.echo(f"graft plan for {folder} from {plan.repo}@{plan.revision}:")
     typer.echo(f"  read {len(plan.tensors)} MTP tensors of {plan.mtp_layers} layers from {len(plan.shards_read)} "
                f"of {plan.shards_total} shards ({', '.join(plan.shards_read)})")
-    typer.echo(f"  download {_gb(plan.download_bytes)} + {_gb(plan.metadata_bytes)} index and headers (already read); "
-               f"config shapes say {_gb(est.download_bytes)}")
+    heads = sum(t.info.nbytes for t in plan.tensors)
+    typer.echo(f"  download {_gb(heads)} (config shapes say {_gb(est.download_bytes) if plan.tensors else '-'}) "
+               f"+ {_gb(plan.metadata_bytes)} index and headers (already read)")
     if plan.restore:
         typer.echo(f"  and {len(plan.restore.tensors)} float routers and norms ({_gb(plan.restore.data_bytes)}) "
                    "into step35-restore/ (--restore)")

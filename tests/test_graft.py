@@ -209,3 +209,10 @@ def test_restore_float_routers_and_norms_gives_our_own_conversion(grafted, tmp_p
     before, _ = mlx_lm_load(str(conversions()["q4"]))
     after, _ = mlx_lm_load(str(folder))
     np.testing.assert_array_equal(np.array(before(tokens).astype(mx.float32)), np.array(after(tokens).astype(mx.float32)))
+
+
+def test_folder_that_is_not_an_mlx_lm_conversion_is_refused(tmp_path):
+    r = cli("graft-mtp", str(conversions()["hf"]), endpoint="http://127.0.0.1:9")  # the original: it has its heads
+    assert r.returncode == 2 and "is not an mlx-lm conversion" in r.stderr and "Traceback" not in r.stderr
+    r = cli("graft-mtp", str(tmp_path / "nowhere"), endpoint="http://127.0.0.1:9")
+    assert r.returncode == 2 and r.stderr.startswith("error:")

@@ -105,7 +105,9 @@ class RepoFiles:
         with self._get(filename) as r:
             if r.status_code != 200:
                 raise RemoteError(_status_message(r.status_code, f"{filename} at revision {self.revision}", self.repo))
-            commit = (r.headers.get("x-repo-commit") or "").lower()
+            # the Hub sends it with the resolve answer, also when that answer is a redirect to its CDN
+            commit = next((h.headers["x-repo-commit"].lower() for h in [*getattr(r, "history", []), r]
+                           if h.headers.get("x-repo-commit")), "")
             data = b"".join(self._chunks(r, CHUNK))
         self.received += len(data)
         if commit and _SHA.match(commit):
