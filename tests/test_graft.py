@@ -216,3 +216,26 @@ def test_folder_that_is_not_an_mlx_lm_conversion_is_refused(tmp_path):
     assert r.returncode == 2 and "is not an mlx-lm conversion" in r.stderr and "Traceback" not in r.stderr
     r = cli("graft-mtp", str(tmp_path / "nowhere"), endpoint="http://127.0.0.1:9")
     assert r.returncode == 2 and r.stderr.startswith("error:")
+
+
+def test_requests_sessions_of_huggingface_hub_0x_work_the_same(tmp_path):
+    """huggingface-hub < 1.0 hands out a requests.Session (>= 1.0: an httpx client); both paths are used."""
+    requests = pytest.importorskip("requests")
+    folder = copy_of("q4", tmp_path / "q4")
+    hf = conversions()["hf"]
+    data, headers = mtp_tensor_bytes(hf)
+    index = (hf / "model.safetensors.index.json").stat().st_size
+    with HubServer(hf, SOURCE) as hub:
+        remote = RepoFiles(SOURCE, endpoint=hub.endpoint)
+        remote.session = requests.Session()
+        plan = plan_graft(folder, SOURCE, remote=remote)
+        assert remote.received == index + headers and remote.revision == COMMIT
+        t = plan.tensors[0]
+        got = bytearray()
+        remote.stream_range(t.shard, t.info.begin, t.info.end, got.extend)
+        assert bytes(got) == SafetensorsFile(hf / t.shard).read_bytes(t.info)
+    with HubServer(hf, SOURCE, mode="ignore-range") as hub:
+        remote = RepoFiles(SOURCE, endpoint=hub.endpoint)
+        remote.session = requests.Session()
+        with pytest.raises(RemoteError, match="ignored the Range request"):
+            plan_graft(folder, SOURCE, remote=remote)

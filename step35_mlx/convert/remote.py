@@ -80,7 +80,7 @@ class RepoFiles:
         url = self.url(filename)
         stack = ExitStack()
         try:
-            if hasattr(self.session, "stream"):  # httpx client (huggingface-hub >= 1.0)
+            if callable(getattr(self.session, "stream", None)):  # httpx client (huggingface-hub >= 1.0)
                 r = stack.enter_context(self.session.stream("GET", url, headers=headers, follow_redirects=True))
             else:  # requests session (huggingface-hub 0.x)
                 r = stack.enter_context(self.session.get(url, headers=headers, stream=True, allow_redirects=True))
