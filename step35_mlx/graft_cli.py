@@ -9,11 +9,9 @@ import typer
 
 GRAFT_HELP = """Add the 3 MTP heads (speculative decoding) to an mlx-lm / mlx-community conversion.
 
-Reads only the MTP tensors of the original checkpoint with HTTP range requests (its index,
-the headers of the shards that hold them, then the tensors: about 4.9 GB of the 400 GB),
-quantizes them like the folder (or --bits) and adds one shard, index and config entries.
-The big shards are not touched; mlx-lm still loads the folder. An interrupted run resumes.
---restore also fetches the float routers and exact norms mlx-lm quantized / rounded (~100 MB).
+Reads only the MTP tensors of the original checkpoint with HTTP range requests (its index, the headers of the shards that hold them, then the tensors: about 4.9 GB of the 400 GB), quantizes them like the folder (or --bits) and adds one shard, index and config entries. The big shards are not touched; mlx-lm still loads the folder. An interrupted run resumes.
+
+--restore also fetches the float routers and exact norms that mlx-lm quantized or rounded (about 100 MB).
 
 Example: step35-mlx graft-mtp ~/models/Step-3.5-Flash-4bit --dry-run
 """
