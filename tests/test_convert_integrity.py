@@ -280,3 +280,28 @@ def test_write_failure_messages_name_the_cause(tmp_path):
     assert msg == f"permission denied writing {out / 'x.tmp'}; choose another --out or make it writable"
     assert write_failure(OSError(errno.EIO, "Input/output error", "f"), out) == (
         f"cannot write the conversion into {out}: Input/output error (f)")
+
+
+# ----------------------------------------------------------------------------- config types: verify = info = load
+
+
+@pytest.mark.parametrize("field, value, needle", [
+    ("rope_scaling", "llama3", "config field 'rope_scaling' must be a JSON object, got 'llama3'"),
+    ("moe_top_k", "2", "config field 'moe_top_k' must be an int, got '2'"),
+    ("max_position_embeddings", "4096", "config field 'max_position_embeddings' must be an int, got '4096'"),
+    ("rope_theta", 10000.0, "config field 'rope_theta' must be a list of 9 per-layer values"),
+])
+def test_config_field_of_the_wrong_type_is_refused_alike_by_verify_info_and_load(reference, tmp_path, field, value,
+                                                                                   needle):
+    from step35_mlx import load_model
+
+    out = tmp_path / "q4"
+    shutil.copytree(reference, out)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg[field] = value
+    (out / "config.json").write_text(json.dumps(cfg))
+    assert_one_line_error(cli("verify", str(out)), f"config.json: {needle}")
+    assert_one_line_error(cli("info", str(out)), needle)
+    with pytest.raises(ValueError) as e:
+        load_model(out)
+    assert needle in str(e.value)
