@@ -390,7 +390,10 @@ def convert_checkpoint(
 
 
 def _kept_shards(out: Path, plan: ConversionPlan, prior: dict | None, bar, log: Callable[[str], None]) -> dict[str, str]:
-    """``{name: sha256}`` of the shards a previous run finished whose bytes still match their checksum."""
+    """``{name: sha256}`` of the shards a previous run finished whose bytes still match their checksum.
+
+    A finished shard without a recorded checksum (a progress file of an older version) is rewritten.
+    """
     done = set((prior or {}).get("completed", []))
     sums = (prior or {}).get("sha256") or {}
     candidates = [s for s in plan.shards if s.name in done and sums.get(s.name) and _shard_complete(out / s.name, s)]
