@@ -322,16 +322,22 @@ def _check_out_dir(out: Path, plan: ConversionPlan) -> tuple[dict | None, bool]:
     return None, False
 
 
-def _check_disk(out: Path, needed: int) -> None:
-    """Refuse up front when ``out`` cannot be written (read-only, no permission) or lacks space."""
-    probe = out
-    while not probe.exists():
-        probe = probe.parent
+def _existing(path: Path) -> Path:
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def _check_writable(out: Path) -> None:
+    """Refuse up front when ``out`` cannot be written (read-only file system, no permission)."""
+    probe = _existing(out)
     if not os.access(probe, os.W_OK | os.X_OK):
-        read_only = bool(os.statvfs(probe).f_flag & os.ST_RDONLY)
-        code = errno.EROFS if read_only else errno.EACCES
+        code = errno.EROFS if os.statvfs(probe).f_flag & os.ST_RDONLY else errno.EACCES
         raise ConvertError(write_failure(OSError(code, os.strerror(code), str(probe)), out))
-    free = shutil.disk_usage(probe).free
+
+
+def _check_disk(out: Path, needed: int) -> None:
+    free = shutil.disk_usage(_existing(out)).free
     if needed > free:
         raise ConvertError(
             f"the conversion needs {needed / 1e9:.1f} GB more in {out}, but only {free / 1e9:.1f} GB are free; "
@@ -379,42 +385,44 @@ def convert_checkpoint(
         log(f"{out} already holds this conversion; nothing to do (`step35-mlx verify --deep {out}` checks its data)")
         return ConvertResult(out, plan, 0, len(plan.shards), already_complete=True)
 
-    bar = byte_progress(progress)
+    _check_writable(out)
     try:
-        with bar:
-            written = _write_shards(src, plan, out, prior, bar, chunk_elems, log, hook)
+        kept = _kept_shards(out, plan, prior, progress, log) if prior else {}
+        _check_disk(out, sum(s.size for s in plan.shards if s.name not in kept) + 64 * 2**20)
+        with byte_progress(progress) as bar:
+            written = _write_shards(src, plan, out, kept, bar, chunk_elems, log, hook)
     except OSError as e:
         raise ConvertError(write_failure(e, out, Path(e.filename).name if e.filename else None)) from e
     log(f"wrote {len(plan.shards)} shard(s), {plan.total_bytes / 1e9:.2f} GB, to {out}")
     return ConvertResult(out, plan, written, len(plan.shards) - written)
 
 
-def _kept_shards(out: Path, plan: ConversionPlan, prior: dict | None, bar, log: Callable[[str], None]) -> dict[str, str]:
+def _kept_shards(out: Path, plan: ConversionPlan, prior: dict, progress: bool,
+                 log: Callable[[str], None]) -> dict[str, str]:
     """``{name: sha256}`` of the shards a previous run finished whose bytes still match their checksum.
 
     A finished shard without a recorded checksum (a progress file of an older version) is rewritten.
     """
-    done = set((prior or {}).get("completed", []))
-    sums = (prior or {}).get("sha256") or {}
+    done = set(prior.get("completed", []))
+    sums = prior.get("sha256") or {}
     candidates = [s for s in plan.shards if s.name in done and sums.get(s.name) and _shard_complete(out / s.name, s)]
     kept: dict[str, str] = {}
     if not candidates:
         return kept
-    task = bar.add_task("checking finished shards", total=sum(s.size for s in candidates))
-    for s in candidates:
-        if file_sha256(out / s.name, lambda n: bar.advance(task, n)) == sums[s.name]:
-            kept[s.name] = sums[s.name]
-        else:
-            log(f"{s.name} changed since it was written (sha256 mismatch); rewriting it")
+    with byte_progress(progress) as bar:
+        task = bar.add_task("checking finished shards", total=sum(s.size for s in candidates))
+        for s in candidates:
+            if file_sha256(out / s.name, lambda n: bar.advance(task, n)) == sums[s.name]:
+                kept[s.name] = sums[s.name]
+            else:
+                log(f"{s.name} changed since it was written (sha256 mismatch); rewriting it")
     return kept
 
 
-def _write_shards(src: SourceCheckpoint, plan: ConversionPlan, out: Path, prior: dict | None, bar,
+def _write_shards(src: SourceCheckpoint, plan: ConversionPlan, out: Path, kept: dict[str, str], bar,
                   chunk_elems: int, log: Callable[[str], None], hook: Hook | None) -> int:
-    """Write every shard not already complete, then the index, extras and config; returns shards written."""
-    kept = _kept_shards(out, plan, prior, bar, log) if prior else {}
+    """Write every shard not in ``kept``, then the index, extras and config; returns shards written."""
     todo = [s for s in plan.shards if s.name not in kept]
-    _check_disk(out, sum(s.size for s in todo) + 64 * 2**20)
     out.mkdir(parents=True, exist_ok=True)
     state = {"fingerprint": plan.fingerprint, "shards": [s.name for s in plan.shards],
              "completed": [s.name for s in plan.shards if s.name in kept], "sha256": dict(kept)}
