@@ -2,7 +2,8 @@
 
 User-facing cases run the real CLI as a subprocess (``python -m step35_mlx``). The disk-full
 and read-only cases use a real tmpfs (mounted by the test; they need root and Linux and are
-skipped elsewhere); the permission case uses ``chmod`` (skipped as root, which ignores it).
+skipped elsewhere); the permission case uses ``chmod`` (as root, run without the DAC-override
+capability via ``setpriv``, since root ignores permissions).
 """
 
 from __future__ import annotations
@@ -30,11 +31,12 @@ REPO = Path(__file__).resolve().parents[1]
 KW = dict(recipe="q4", shard_size=100_000, progress=False)
 
 
-def cli(*args: str, script: str | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
+def cli(*args: str, script: str | None = None, prefix: tuple[str, ...] = (), timeout: int = 120
+        ) -> subprocess.CompletedProcess:
     """``step35-mlx ARGS`` as a user types it (``script`` runs first in the same process, for test set-up)."""
     env = dict(os.environ, PYTHONPATH=str(REPO), NO_COLOR="1", COLUMNS="200")
     if script is None:
-        cmd = [sys.executable, "-m", "step35_mlx", *args]
+        cmd = [*prefix, sys.executable, "-m", "step35_mlx", *args]
     else:
         runner = f"import runpy, sys\nsys.argv = ['step35-mlx', *{list(args)!r}]\nrunpy.run_module('step35_mlx', run_name='__main__')\n"
         cmd = [sys.executable, "-c", textwrap.dedent(script) + "\n" + runner]
@@ -257,16 +259,26 @@ def test_read_only_file_system_is_one_line(src, tmpfs):
     assert list(mount.iterdir()) == []
 
 
-@pytest.mark.skipif(sys.platform == "win32" or os.geteuid() == 0, reason="root ignores directory permissions")
+def as_unprivileged() -> tuple[str, ...]:
+    """A command prefix under which permissions apply: none for a normal user; root without DAC override."""
+    if os.geteuid() != 0:
+        return ()
+    if not shutil.which("setpriv"):
+        pytest.skip("root ignores directory permissions and setpriv is not available to drop that")
+    caps = "-dac_override,-dac_read_search"
+    return ("setpriv", f"--bounding-set={caps}", f"--inh-caps={caps}")
+
+
 def test_output_folder_not_writable_is_one_line(src, tmp_path):
+    prefix = as_unprivileged()
     parent = tmp_path / "locked"
     parent.mkdir()
     parent.chmod(0o555)
     try:
-        r = cli("convert", str(src), "--out", str(parent / "q4"), "--quiet")
+        r = cli("convert", str(src), "--out", str(parent / "q4"), "--quiet", prefix=prefix)
     finally:
         parent.chmod(0o755)
-    assert_one_line_error(r, "permission denied")
+    assert_one_line_error(r, f"permission denied writing {parent}; choose another --out or make it writable")
     assert list(parent.iterdir()) == []
 
 
