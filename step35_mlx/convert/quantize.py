@@ -404,7 +404,7 @@ def _kept_shards(out: Path, plan: ConversionPlan, prior: dict, progress: bool,
     A finished shard without a recorded checksum (a progress file of an older version) is rewritten.
     """
     done = set(prior.get("completed", []))
-    sums = prior.get("sha256") or {}
+    sums = prior.get("sha256") if isinstance(prior.get("sha256"), dict) else {}
     candidates = [s for s in plan.shards if s.name in done and sums.get(s.name) and _shard_complete(out / s.name, s)]
     kept: dict[str, str] = {}
     if not candidates:
