@@ -1,6 +1,7 @@
-"""Load Step 3.5 Flash from a Hugging Face checkpoint folder or from an MLX folder our converter wrote.
+"""Load Step 3.5 Flash from a Hugging Face checkpoint folder, an MLX folder our converter wrote,
+or an mlx-lm / mlx-community conversion (read as is, see ``mlx_lm_format``).
 
-Both formats go through one path: read the (sharded) safetensors lazily, map key
+All formats go through one path: read the (sharded) safetensors lazily, map key
 names (``hf_to_internal``), quantize the modules the config's ``quantization``
 block names, check coverage strictly, then load. Norm weights are never shifted
 here: they stay zero-centred and ``ZeroCenteredRMSNorm`` adds the 1.
@@ -11,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +20,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .config import ModelConfig
+from .errors import CheckpointError
 from .model import Model
+from .mlx_lm_format import FolderFormat, read_folder
 from .vision.config import VisionConfig
 from .vision.loading import attach_vision, split_vision
 
@@ -28,12 +31,9 @@ _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
 _STEP37_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
                     ("language_model.lm_head.", "lm_head."), ("language_model.", ""))
 _VISION_PREFIXES = ("model.vision_model.", "model.vit_large_projector.", "vision_model.", "vit_large_projector.")
-# Tensors kept in float32 whatever the load dtype: selection-only bias and the fp32 router.
-_FP32_SUFFIXES = (".router_bias", ".moe.gate.weight")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint on disk does not match what the config says it should hold."""
+# Tensors kept in float32 whatever the load dtype: selection-only bias and the fp32 router
+# (a quantized router's scales and biases too, so routing stays float32 arithmetic).
+FP32_SUFFIXES = (".router_bias", ".moe.gate.weight", ".moe.gate.scales", ".moe.gate.biases")
 
 
 def hf_to_internal(key: str, num_hidden_layers: int) -> str | None:
@@ -145,7 +145,7 @@ def _cast(weights: dict[str, mx.array], dtype: mx.Dtype | None) -> dict[str, mx.
     for k, v in weights.items():
         if not mx.issubdtype(v.dtype, mx.floating):
             out[k] = v
-        elif k.endswith(_FP32_SUFFIXES) or (k.endswith(".weight") and "norm" in k.rsplit(".", 2)[-2]):
+        elif k.endswith(FP32_SUFFIXES) or (k.endswith(".weight") and "norm" in k.rsplit(".", 2)[-2]):
             out[k] = v.astype(mx.float32)
         elif dtype is not None:
             out[k] = v.astype(dtype)
@@ -155,32 +155,30 @@ def _cast(weights: dict[str, mx.array], dtype: mx.Dtype | None) -> dict[str, mx.
 
 
 def load_model(path: str | Path, dtype: mx.Dtype | None = None, *, mtp: bool = True,
-               config: ModelConfig | None = None, vision: bool = True) -> Model:
+               folder_format: FolderFormat | None = None, vision: bool = True) -> Model:
     """Build the model from ``config.json`` and load every tensor (trunk, head and MTP layers).
 
     ``dtype`` casts floating weights (quantization scales and biases included), which sets
     the activation dtype. ``None`` keeps the checkpoint's (bf16) on a GPU and uses float32 on
     the CPU device, where MLX's bf16 kernels run about 10x slower. Norms, the router and
     ``router_bias`` stay float32. ``mtp=False`` leaves the MTP modules out (their tensors
-    are never read), saving their memory. ``config``: the folder's parsed config.json when the
-    caller already has it. A Step 3.7 checkpoint's vision tower becomes ``model.vision``
-    unless ``vision=False`` (its tensors are then skipped). Raises ``CheckpointError`` naming
-    any missing, unexpected or wrongly shaped tensor.
+    are never read), saving their memory. ``folder_format``: the folder's
+    :func:`~step35_mlx.mlx_lm_format.read_folder` reading when the caller already has it. A Step 3.7
+    checkpoint's vision tower becomes ``model.vision`` unless ``vision=False`` (its tensors are then
+    skipped). Raises ``CheckpointError`` naming any missing, unexpected or wrongly shaped tensor.
     """
     path = Path(path)
     if dtype is None and mx.default_device() == mx.cpu:
         dtype = mx.float32
     if not path.is_dir():
         raise FileNotFoundError(f"model folder {path} does not exist")
-    config = config or ModelConfig.from_file(path)
+    folder = folder_format or read_folder(path)  # an mlx-lm conversion gets its real MTP count and our names
+    config = folder.config
     if not mtp and config.num_nextn_predict_layers:
         config = dataclasses.replace(config, num_nextn_predict_layers=0)
     raw = read_weights(path)
-    if any(".switch_mlp." in k for k in raw):
-        raise CheckpointError(
-            f"{path} is an mlx-lm conversion (experts under 'switch_mlp', norms pre-shifted, MTP dropped); "
-            "convert the original Hugging Face checkpoint with `step35-mlx convert` instead"
-        )
+    if folder.mlx_lm is not None:
+        raw = folder.mlx_lm.to_checkpoint(raw)
     raw, vision_weights = split_vision(raw, keep=vision and VisionConfig.from_config(config.raw) is not None)
     weights: dict[str, mx.array] = {}
     for k, v in raw.items():
@@ -204,11 +202,14 @@ def load_model(path: str | Path, dtype: mx.Dtype | None = None, *, mtp: bool = T
     mx.eval(model.parameters())
     model.eval()
     model.source_path = path
+    model.load_notice = folder.mlx_lm.notice() if folder.mlx_lm is not None else None
+    if model.load_notice:
+        print(model.load_notice, file=sys.stderr)
     return model
 
 
 def load(path: str | Path, dtype: mx.Dtype | None = None, *, mtp: bool = True,
-         config: ModelConfig | None = None, vision: bool = True) -> tuple[Model, Any]:
+         folder_format: FolderFormat | None = None, vision: bool = True) -> tuple[Model, Any]:
     """``(model, tokenizer)`` from a checkpoint folder with tokenizer files, ``"demo"`` or a Hub repo id.
 
     The tokenizer is mlx-lm's ``TokenizerWrapper`` (streaming detokenizer included),
@@ -219,7 +220,7 @@ def load(path: str | Path, dtype: mx.Dtype | None = None, *, mtp: bool = True,
     from .hub import resolve_model
 
     path = resolve_model(path) if isinstance(path, str) else Path(path)
-    model = load_model(path, dtype, mtp=mtp, config=config, vision=vision)
+    model = load_model(path, dtype, mtp=mtp, folder_format=folder_format, vision=vision)
     if not (path / "tokenizer.json").exists() and not (path / "tokenizer.model").exists():
         raise FileNotFoundError(f"{path} has no tokenizer files (tokenizer.json / tokenizer.model)")
     tokenizer = load_tokenizer(path, eos_token_ids=model.config.eos_token_id or None)

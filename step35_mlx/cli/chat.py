@@ -266,9 +266,9 @@ def _command(console, session, text: str, images: list[Path]) -> bool:
                 console.print(f"loaded {len(session.messages)} messages and {session.context_tokens} cached tokens from {arg}",
                               style="dim", markup=False)
         except OSError as e:
-            reason = e.strerror or str(e)
-            console.print(f"error: cannot {name[1:]} the session {'to' if name == '/save' else 'from'} {target}: {reason}",
-                          style="red", markup=False)
+            message = str(e) if e.strerror is None else (
+                f"cannot {name[1:]} the session {'to' if name == '/save' else 'from'} {target}: {e.strerror}")
+            console.print(f"error: {message}", style="red", markup=False)
         except ValueError as e:
             console.print(f"error: {e}", style="red", markup=False)
     elif name == "/stats":

@@ -14,14 +14,15 @@ def info(model: str = typer.Argument(..., help="Checkpoint folder (Hugging Face 
 
     Example: step35-mlx info ./Step-3.5-Flash-4bit
     """
-    from ..config import ModelConfig
     from ..hub import DEMO_DIR, DEMO_NAME
+    from ..mlx_lm_format import read_folder
 
-    folder = DEMO_DIR if model == DEMO_NAME else Path(model).expanduser()
+    path = DEMO_DIR if model == DEMO_NAME else Path(model).expanduser()
     try:
-        cfg = ModelConfig.from_file(folder)
+        folder = read_folder(path)
     except (OSError, ValueError) as e:
         fail(str(e))
+    cfg = folder.config
     n_full = sum(t == "full_attention" for t in cfg.layer_types[: cfg.num_hidden_layers])
     typer.echo(
         f"{cfg.model_type}: hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers "
@@ -37,3 +38,5 @@ def info(model: str = typer.Argument(..., help="Checkpoint folder (Hugging Face 
                    f"MLP {vcfg.intermediate_size}, {vcfg.image_size}px views / {vcfg.crop_size}px crops "
                    f"({vcfg.tokens_per_view(vcfg.image_size)} / {vcfg.tokens_per_view(vcfg.crop_size)} tokens), "
                    f"image token id {vcfg.image_token_id}")
+    if folder.mlx_lm:
+        typer.echo(folder.mlx_lm.notice())

@@ -33,10 +33,10 @@ def load_for_cli(model: Optional[str], announce: Callable[[str], None], *, max_c
     ``images``: the request has pictures, so a model without a vision tower is refused up front.
     ``vision=False`` leaves a Step 3.7 vision tower unloaded.
     """
-    from ..config import ModelConfig
     from ..generate import read_generation_config
     from ..hub import DEMO_DIR, ModelNotFoundError, resolve_model
     from ..loader import CheckpointError, load
+    from ..mlx_lm_format import read_folder
     from ..plan import InsufficientMemoryError, preflight
 
     try:
@@ -48,8 +48,8 @@ def load_for_cli(model: Optional[str], announce: Callable[[str], None], *, max_c
                  "Pass --model PATH|REPO to chat with Step 3.5 Flash.")
     keep_mtp = mtp is not False
     try:
-        config = ModelConfig.from_file(path)
-        plan = preflight(path, config=config, context=max_context, kv_bits=kv_bits, mtp=keep_mtp,
+        folder = read_folder(path)
+        plan = preflight(path, folder_format=folder, context=max_context, kv_bits=kv_bits, mtp=keep_mtp,
                          prefill_step=prefill_step)
     except InsufficientMemoryError as e:
         head, _, options = str(e).partition("\n")
@@ -66,13 +66,13 @@ def load_for_cli(model: Optional[str], announce: Callable[[str], None], *, max_c
 
         if not vision:
             fail("images need the vision tower; drop --no-vision")
-        if VisionConfig.from_config(config.raw) is None:
+        if VisionConfig.from_config(folder.config.raw) is None:
             fail(NO_VISION)
-    if max_context is None and plan.context < config.max_position_embeddings:
+    if max_context is None and plan.context < folder.config.max_position_embeddings:
         announce(f"Context limited to {plan.context:,} tokens so that the model fits this machine's memory "
                  f"(`step35-mlx plan --model {path}` shows the options).")
     try:
-        m, tok = load(path, config=config, mtp=keep_mtp, vision=vision)
+        m, tok = load(path, folder_format=folder, mtp=keep_mtp, vision=vision)
         generation_config = read_generation_config(path, warn=announce)
     except (ValueError, OSError) as e:
         fail(f"cannot load {path}: {e}")
