@@ -645,8 +645,8 @@ def stream_generate(
     cache = new_cache(model, kv_bits, kv_group_size)
     from .vision.inputs import prepare
 
-    model, images = prepare(model, tokenizer, prompt_or_messages, ids)
-    return run(model, tokenizer, cache, images.ids if images else ids, 0, settings, tools=tools)
+    prepared = prepare(model, tokenizer, prompt_or_messages, ids)
+    return run(prepared.model, tokenizer, cache, prepared.ids, 0, settings, tools=tools)
 
 
 def generate(model: Any, tokenizer: Any, prompt_or_messages: Any, **kwargs: Any) -> str:

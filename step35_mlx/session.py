@@ -229,9 +229,9 @@ class ChatSession:
     def _turn(self, messages: list[dict], overrides: dict) -> Iterator[GenerationChunk]:
         settings = self.settings(**overrides)
         ids = self.render(messages)
-        model, images = prepare_images(self.model, self.tokenizer, messages, ids, self.image_features)
+        prepared = prepare_images(self.model, self.tokenizer, messages, ids, self.image_features)
         # Prefix reuse compares `keys`: image tokens carry a hash of their image's pixels there.
-        ids, keys = (images.ids, images.keys) if images else (ids, ids)
+        model, ids, keys = prepared.model, prepared.ids, prepared.keys
         settings.budget(len(ids))  # ValueError before anything changes
         self.messages = messages
         first_reply = not any(m.get("role") == "assistant" for m in self._since_last_user())

@@ -34,7 +34,7 @@ def _msgs(image, text="What is in the picture?"):
 def _greedy_uncached(model, tok, messages, n):
     """Greedy tokens from full uncached forwards over the expanded prompt (features merged once)."""
     ids = list(tok.apply_chat_template(messages, add_generation_prompt=True))
-    _, prompt = prepare(model, tok, messages, ids)
+    prompt = prepare(model, tok, messages, ids).images
     feats = mx.concatenate([model.vision.image_features(im) for im in prompt.images])
     seq, out = list(prompt.ids), []
     for _ in range(n):
@@ -111,9 +111,9 @@ def test_feature_cache_keys_on_pixels(vlm):
     cache = FeatureCache(capacity=1)
     msgs = _msgs(sample_image(100, 100, seed=6))
     ids = list(tok.apply_chat_template(msgs, add_generation_prompt=True))
-    _, p1 = prepare(model, tok, msgs, ids, cache)
-    _, p2 = prepare(model, tok, _msgs(sample_image(100, 100, seed=6)), ids, cache)
-    _, p3 = prepare(model, tok, _msgs(sample_image(100, 100, seed=7)), ids, cache)
+    p1 = prepare(model, tok, msgs, ids, cache).images
+    p2 = prepare(model, tok, _msgs(sample_image(100, 100, seed=6)), ids, cache).images
+    p3 = prepare(model, tok, _msgs(sample_image(100, 100, seed=7)), ids, cache).images
     assert p1.keys == p2.keys and p1.keys != p3.keys and p1.ids == p3.ids
     assert np.array_equal(np.array(cache.get(model, p1.images[0])), np.array(cache.get(model, p2.images[0])))
     assert cache.encoded == 1

@@ -312,9 +312,9 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str = "step-3.5-flash"
         tools = select_tools(anthropic_tools(req.tools), req.tool_choice, anthropic=True)
         try:
             ids = list(tokenizer.apply_chat_template(msgs, tools=tools, add_generation_prompt=True))
-            _, expanded = prepare_images(model, tokenizer, msgs, ids)
+            prepared = prepare_images(model, tokenizer, msgs, ids)
         except Exception as e:  # noqa: BLE001 - a template error is the request's fault
             raise as_api_error(e if isinstance(e, (ValueError, TypeError)) else ValueError(str(e))) from None
-        return {"input_tokens": len(expanded.ids) if expanded else len(ids)}
+        return {"input_tokens": len(prepared.ids)}
 
     return app

@@ -162,15 +162,27 @@ class ImageInputModel:
         return self._model.logits(self.forward_hidden(tokens, cache))
 
 
+@dataclass(frozen=True)
+class PreparedPrompt:
+    """What to run for a rendered prompt: the model (wrapped when there are images), the ids it
+    sees, and the ids prefix reuse compares (image tokens carry their image's pixel hash)."""
+
+    model: Any
+    ids: list[int]
+    keys: list[int]
+    images: ImagePrompt | None = None
+
+
 def prepare(model: Any, tokenizer: Any, messages: Any, ids: list[int], features: FeatureCache | None = None,
-            processor: ImageProcessor | None = None) -> tuple[Any, ImagePrompt | None]:
-    """``(model to run, expanded prompt)`` for rendered ``ids`` of ``messages``; ``(model, None)`` without images.
+            processor: ImageProcessor | None = None) -> PreparedPrompt:
+    """The prompt to run for rendered ``ids`` of ``messages``; unchanged (model, ids) without images.
 
     Raises ``ValueError`` when the messages hold images but the model has no vision tower.
     """
+    ids = list(ids)
     sources = image_sources(messages)
     if not sources:
-        return model, None
+        return PreparedPrompt(model, ids, ids)
     if not has_vision(model):
         raise ValueError(NO_VISION)
     cfg = model.vision.config
@@ -178,4 +190,5 @@ def prepare(model: Any, tokenizer: Any, messages: Any, ids: list[int], features:
     images = [processor(s) for s in sources]
     tokens = ImageTokens.from_tokenizer(tokenizer)
     prompt = expand(ids, images, tokens, cfg.tokens_per_view(cfg.image_size), cfg.tokens_per_view(cfg.crop_size))
-    return ImageInputModel(model, prompt, features or FeatureCache()), prompt
+    return PreparedPrompt(ImageInputModel(model, prompt, features or FeatureCache()), prompt.ids, prompt.keys,
+                          prompt)
