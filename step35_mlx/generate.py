@@ -77,6 +77,7 @@ class GenerationStats:
     draft_depth: int = 0  # 0: plain decoding
     acceptance: list[float] = field(default_factory=list)  # MTP: P(draft i accepted | earlier ones were)
     tokens_per_verify: float = 0.0
+    cached_from: str = ""  # where the cached prompt tokens came from: "session", "ram", "disk" (prefix cache)
 
     def to_dict(self) -> dict:
         return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
@@ -618,6 +619,7 @@ def stream_generate(
     generation_config: dict | None = None,
     kv_bits: int | None = None,
     kv_group_size: int | None = None,
+    prefix_cache: Any = None,
 ) -> Iterator[GenerationChunk]:
     """Generate a reply, one :class:`GenerationChunk` per token.
 
@@ -632,7 +634,8 @@ def stream_generate(
     that, with an explicit ``max_tokens``, exceeds the context (``max_context`` or
     the model's ``max_position_embeddings``) raises ``ValueError`` before anything runs.
     ``mtp``/``draft_depth`` select speculative decoding (issue 6); ``kv_bits`` (4 or 8)
-    stores the KV cache quantized.
+    stores the KV cache quantized. ``prefix_cache`` (a :class:`~step35_mlx.prefix_cache.PrefixCache`)
+    restores the longest cached prefix of the prompt and stores the prompt's and the reply's state.
     """
     settings = resolve_settings(
         model, tokenizer, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
@@ -642,6 +645,10 @@ def stream_generate(
     )
     ids = encode_prompt(tokenizer, prompt_or_messages, tools)
     cache = new_cache(model, kv_bits, kv_group_size)
+    if prefix_cache is not None:
+        from .prefix_cache.stream import cached_stream
+
+        return cached_stream(model, tokenizer, cache, ids, settings, prefix_cache, tools)
     return run(model, tokenizer, cache, ids, 0, settings, tools=tools)
 
 

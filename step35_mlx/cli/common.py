@@ -32,7 +32,8 @@ def stats_line(st, interrupted: bool = False) -> str:
     """One line of generation statistics for the terminal."""
     parts = [f"{st.generation_tokens} tokens, {st.generation_tps:.1f} tok/s"]
     reused = st.prompt_tokens - st.prefill_tokens
-    parts.append(f"prompt {st.prefill_tokens} new" + (f" + {reused} cached" if reused else "")
+    where = f" ({st.cached_from})" if reused and getattr(st, "cached_from", "") else ""
+    parts.append(f"prompt {st.prefill_tokens} new" + (f" + {reused} cached{where}" if reused else "")
                  + f" at {st.prompt_tps:.0f} tok/s")
     if st.draft_depth:
         acc = "/".join(f"{a:.2f}" for a in st.acceptance)

@@ -23,12 +23,14 @@ class LoadedModel:
 
 
 def load_for_cli(model: Optional[str], announce: Callable[[str], None], *, max_context: Optional[int] = None,
-                 kv_bits: Optional[int] = None, mtp: Optional[bool] = None, prefill_step: int = 512) -> LoadedModel:
+                 kv_bits: Optional[int] = None, mtp: Optional[bool] = None, prefill_step: int = 512,
+                 cache_ram: int = 0) -> LoadedModel:
     """Load a model for a command, or print one red line and exit 2.
 
     Before any weight is read, the memory plan (``step35_mlx.plan.preflight``) must fit this
     machine: for ``max_context`` when given, else for the longest context that fits (which
     becomes the limit). A model that does not fit is refused with the options that would fit.
+    ``cache_ram``: bytes the prefix cache may hold in RAM, planned with the rest.
     """
     from ..generate import read_generation_config
     from ..hub import DEMO_DIR, ModelNotFoundError, resolve_model
@@ -47,7 +49,7 @@ def load_for_cli(model: Optional[str], announce: Callable[[str], None], *, max_c
     try:
         folder = read_folder(path)
         plan = preflight(path, folder_format=folder, context=max_context, kv_bits=kv_bits, mtp=keep_mtp,
-                         prefill_step=prefill_step)
+                         prefill_step=prefill_step, prefix_cache=cache_ram)
     except InsufficientMemoryError as e:
         head, _, options = str(e).partition("\n")
         typer.secho(f"error: {head}", fg=typer.colors.RED, err=True)

@@ -158,6 +158,8 @@ def plan(
     mtp: bool = typer.Option(True, "--mtp/--no-mtp", help="Count the MTP heads (speculative decoding) and their caches."),
     prefill_step: int = typer.Option(512, "--prefill-step", help="Prompt tokens per prefill chunk (bounds activations)."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan, the verdicts and the context table as JSON."),
+    cache_ram: str = typer.Option("0", "--cache-ram", help="RAM budget of serve's prefix cache to count (e.g. 8GB; "
+                                  "default 0)."),
 ) -> None:
     from ..hub import ModelNotFoundError
     from ..plan import (
@@ -165,6 +167,7 @@ def plan(
         folder_weight_sizes, load_dtype_bytes, machine_memory, parse_kv_bits, parse_tokens, plan_memory, verdict,
         weight_sizes,
     )
+    from ..prefix_cache import parse_budget
     from ..quant.recipes import RECIPES
 
     try:
@@ -179,8 +182,9 @@ def plan(
             raise ValueError("--prefill-step must be >= 1")
         if mtp and not cfg.num_nextn_predict_layers:
             mtp = False
+        ram = parse_budget(cache_ram, "--cache-ram")
         base = plan_memory(cfg, recipe=target.weights, context=ctx, kv_bits=bits, mtp=mtp,
-                           prefill_step=prefill_step, activation_dtype_bytes=target.activation_bytes)
+                           prefill_step=prefill_step, activation_dtype_bytes=target.activation_bytes, prefix_cache=ram)
     except (ValueError, FileNotFoundError, ModelNotFoundError) as e:
         fail(str(e))
 

@@ -77,9 +77,11 @@ class Run:
 
 class Engine:
     def __init__(self, model: Any, tokenizer: Any, *, max_queue: int, generation_config: dict | None,
-                 defaults: dict) -> None:
+                 defaults: dict, prefix_cache: Any = None) -> None:
         self.model, self.tokenizer = model, tokenizer
-        self.session = ChatSession(model, tokenizer, generation_config=generation_config, **defaults)
+        self.prefix_cache = prefix_cache  # a PrefixCache shared by every request, or None
+        self.session = ChatSession(model, tokenizer, generation_config=generation_config,
+                                   prefix_cache=prefix_cache, **defaults)
         self.generation_config = generation_config
         self.defaults = defaults
         self.max_queue = max_queue
@@ -90,6 +92,8 @@ class Engine:
     def close(self) -> None:
         """Stop the worker thread (after the generation in progress, if any)."""
         self.executor.shutdown(wait=True, cancel_futures=True)
+        if self.prefix_cache is not None:
+            self.prefix_cache.flush()
 
     def _release(self) -> None:
         self.inflight -= 1
@@ -112,7 +116,7 @@ class Engine:
 
     def complete(self, prompt: str, settings: dict) -> Run:
         kw = {**self.defaults, **{k: v for k, v in settings.items() if v is not None}}
-        return self.submit(lambda: stream_generate(self.model, self.tokenizer, prompt,
+        return self.submit(lambda: stream_generate(self.model, self.tokenizer, prompt, prefix_cache=self.prefix_cache,
                                                    generation_config=self.generation_config, **kw))
 
 
