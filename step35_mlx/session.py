@@ -160,7 +160,7 @@ class ChatSession:
         self.last_reuse: str = "none"  # where the last turn's cached prefix came from
         self._new_cache()
         if prefix_cache is not None:
-            prefix_cache._check_cache(self.cache)
+            prefix_cache.check_format(self.cache)
         self.settings()  # validate the defaults now
 
     # ------------------------------------------------------------ state

@@ -190,7 +190,7 @@ def test_shared_prefixes_share_blocks(mt):
 
 def _damage(tmp_path, model):
     pc = PrefixCache(model, ram_bytes=10**8, disk_bytes=10**8, cache_dir=tmp_path, block_size=B)
-    for k in range(4):
+    for k in range(5):
         ids = [200 + k] + P[1:40]
         pc.capture(cold_cache(model, ids), ids)
     pc.flush()
@@ -202,7 +202,7 @@ def test_damaged_or_foreign_files_are_refused_and_removed(mt, tmp_path):
     pc = _damage(tmp_path, model)
     folder = pc.disk.folder
     entries = sorted(pc.disk.entries.values(), key=lambda e: int(e.tokens[0]))
-    corrupt, truncated, foreign, broken_block = (e.path for e in entries)
+    corrupt, truncated, foreign, broken_block, crafted = (e.path for e in entries)
     raw = bytearray(corrupt.read_bytes())
     raw[8:40] = b"x" * 32
     corrupt.write_bytes(bytes(raw))
@@ -211,19 +211,23 @@ def test_damaged_or_foreign_files_are_refused_and_removed(mt, tmp_path):
     info = json.loads(meta["step35_mlx_prefix_cache"])
     info["cache"] = "0123456789abcdef-f-s8-b16"  # another model's fingerprint
     mx.save_safetensors(str(foreign), arrays, metadata={"step35_mlx_prefix_cache": json.dumps(info)})
+    arrays, meta = mx.load(str(crafted), return_metadata=True)
+    info = json.loads(meta["step35_mlx_prefix_cache"])
+    info["tokens"][5] += 1  # tokens that the key and block names do not hash to
+    mx.save_safetensors(str(crafted), arrays, metadata={"step35_mlx_prefix_cache": json.dumps(info)})
     block = pc.disk.block_path(entries[3].blocks[-1])
     block.write_bytes(block.read_bytes()[:-64])
 
     warnings: list[str] = []
     again = PrefixCache(model, ram_bytes=10**8, disk_bytes=10**8, cache_dir=tmp_path, block_size=B,
                         warn=warnings.append)
-    assert len(warnings) == 3 and {corrupt.exists(), truncated.exists(), foreign.exists()} == {False}
-    assert "another model" in " ".join(warnings)
+    assert len(warnings) == 4 and {p.exists() for p in (corrupt, truncated, foreign, crafted)} == {False}
+    assert "another model" in " ".join(warnings) and "do not match its tokens" in " ".join(warnings)
     ids = entries[3].tokens.tolist() + [9]
     cache = new_cache(model)
     assert again.restore(ids, cache).length == 0  # the entry's block is damaged: nothing is loaded
     assert all(c.offset == 0 for c in cache)
-    assert len(warnings) == 4 and not broken_block.exists() and not block.exists()
+    assert len(warnings) == 5 and not broken_block.exists() and not block.exists()
     assert list(folder.iterdir()) == []  # nothing else referenced the remaining blocks
 
 

@@ -50,15 +50,18 @@ class DiskTier:
     """Entry and block files under ``folder``, LRU-evicted to stay within ``budget`` bytes."""
 
     def __init__(self, folder: Path, budget: int, cache_key: str, vocab_size: int,
+                 check_index: Callable[[str, np.ndarray, list[str], dict[int, tuple[int, int]]], int],
                  warn: Callable[[str], None]) -> None:
+        """``check_index(key, tokens, blocks, rings)`` returns the entry's exact roll-back reach or raises
+        ``DamagedFile`` when the index fields do not fit together (the key and block names hash the tokens)."""
         self.folder = folder
         self.budget = budget
         self.cache_key = cache_key
         self.vocab_size = vocab_size
+        self.check_index = check_index
         self.warn = warn
         self.entries: dict[str, DiskEntry] = {}
         self.block_sizes: dict[str, int] = {}
-        self._seen_mtime = -1.0
         folder.mkdir(parents=True, exist_ok=True)
         self.rescan()
 
@@ -75,15 +78,8 @@ class DiskTier:
         return sum(e.size for e in self.entries.values()) + sum(self.block_sizes.values())
 
     def rescan(self) -> None:
-        """Pick up files other processes wrote (or removed) since the last scan; cheap when nothing changed."""
-        try:
-            mtime = self.folder.stat().st_mtime
-        except FileNotFoundError:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            mtime = self.folder.stat().st_mtime
-        if mtime == self._seen_mtime:
-            return
-        self._seen_mtime = mtime
+        """Pick up files other processes wrote (or removed) since the last scan (only new entries are read)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
         names = {p.name: p for p in self.folder.iterdir() if not p.name.startswith(".")}
         blocks = {}
         for name, p in names.items():
@@ -109,14 +105,15 @@ class DiskTier:
             if not isinstance(tokens, list) or not tokens or not all(
                     isinstance(t, int) and 0 <= t < self.vocab_size for t in tokens):
                 raise DamagedFile("its token ids are not valid for this model")
-            blocks, rings = meta.get("blocks"), meta.get("rings")
+            blocks, rings, key = meta.get("blocks"), meta.get("rings"), meta.get("key")
             if not isinstance(blocks, list) or not all(isinstance(b, str) and b.isalnum() for b in blocks):
                 raise DamagedFile("its block list is malformed")
-            if not isinstance(rings, dict):
-                raise DamagedFile("its ring list is malformed")
+            if not isinstance(rings, dict) or not isinstance(key, str) or path.name != f"pfx-{key}.safetensors":
+                raise DamagedFile("its key or ring list is malformed")
             ring_pos = {int(i): (int(r[0]), int(r[1])) for i, r in rings.items()}
-            return DiskEntry(meta["key"], np.asarray(tokens, np.int32), blocks, int(meta["max_back"]), ring_pos,
-                             path, st.st_size, st.st_mtime)
+            toks = np.asarray(tokens, np.int32)
+            max_back = self.check_index(key, toks, blocks, ring_pos)
+            return DiskEntry(key, toks, blocks, max_back, ring_pos, path, st.st_size, st.st_mtime)
         except FileNotFoundError:
             return None
         except (SafetensorsError, DamagedFile, KeyError, TypeError, ValueError) as e:
@@ -191,7 +188,7 @@ class DiskTier:
             write_session_file(path, block_arrays(h), {**base, "kind": "block", "key": h}, meta_key=META_KEY)
             self.block_sizes[h] = path.stat().st_size
         meta = {**base, "kind": "entry", "key": key, "tokens": tokens.tolist(), "blocks": blocks,
-                "max_back": max_back, "rings": {str(i): list(r) for i, r in rings.items()}}
+                "rings": {str(i): list(r) for i, r in rings.items()}}
         path = self.entry_path(key)
         write_session_file(path, arrays, meta, meta_key=META_KEY)
         self.entries[key] = DiskEntry(key, tokens, list(blocks), max_back, dict(rings), path, path.stat().st_size)

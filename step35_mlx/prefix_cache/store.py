@@ -132,7 +132,8 @@ class PrefixCache:
         self.disk: DiskTier | None = None
         if disk_bytes > 0:
             folder = Path(cache_dir or DEFAULT_CACHE_DIR).expanduser() / self.key
-            self.disk = DiskTier(folder, int(disk_bytes), self.key, model.config.vocab_size, self.warn)
+            self.disk = DiskTier(folder, int(disk_bytes), self.key, model.config.vocab_size, self._check_index,
+                                 self.warn)
 
     # ------------------------------------------------------------ keys
 
@@ -148,6 +149,21 @@ class PrefixCache:
         head = bytes.fromhex(chain[-1]) if chain else self._seed
         rest = tokens[len(chain) * self.block:]
         return hashlib.sha256(head + rest.tobytes() + str(len(tokens)).encode()).hexdigest()[:32]
+
+    def _check_index(self, key: str, tokens: np.ndarray, blocks: list[str], rings: dict[int, tuple[int, int]]) -> int:
+        """A disk entry's roll-back reach, after checking that its key, block names and rings fit its tokens."""
+        chain = self._chain(tokens)
+        if blocks != chain or key != self._entry_key(tokens, chain):
+            raise DamagedFile("its key or block names do not match its tokens")
+        n, reach = len(tokens), [len(tokens)]
+        for i, c in enumerate(self._probe):
+            if not isinstance(c, SlidingKVCache):
+                continue
+            offset, low = rings.get(i, (-1, -1))
+            if offset != n or not max(0, n - c.capacity) <= low <= n:
+                raise DamagedFile(f"ring {i} does not hold position {n}")
+            reach.append(ring_max_back(c, offset, low))
+        return min(reach)
 
     # ------------------------------------------------------------ sizes
 
@@ -168,15 +184,19 @@ class PrefixCache:
 
     # ------------------------------------------------------------ capture
 
-    def _check_cache(self, cache: list) -> None:
-        if len(cache) != len(self._probe) or getattr(cache[0], "bits", None) != self.kv_bits:
-            raise ValueError("this cache's KV format differs from the prefix cache's (--kv-bits)")
+    def check_format(self, cache: list) -> None:
+        """``ValueError`` unless ``cache`` (a model cache list) has this prefix cache's KV format."""
+        def shape(c: Any) -> tuple:
+            return type(c), getattr(c, "bits", None), getattr(c, "group_size", None), getattr(c, "capacity", None)
+
+        if [shape(c) for c in cache] != [shape(c) for c in self._probe]:
+            raise ValueError("this cache's KV format differs from the prefix cache's (--kv-bits, ring slack)")
 
     def capture(self, cache: list, tokens: Sequence[int]) -> None:
         """Store the state of ``cache``, which holds exactly ``tokens`` in every layer."""
         if self.ram_budget <= 0 and self.disk is None:
             return
-        self._check_cache(cache)
+        self.check_format(cache)
         toks = np.asarray(list(tokens), np.int32)
         n = len(toks)
         if n == 0 or any(c.offset != n for c in cache):
@@ -322,7 +342,7 @@ class PrefixCache:
 
         On a miss (``Hit().length == 0``) ``cache`` is left as it was.
         """
-        self._check_cache(cache)
+        self.check_format(cache)
         arr = np.asarray(list(ids), np.int32)
         limit = len(arr) - 1
         with self.lock:
