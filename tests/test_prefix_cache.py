@@ -266,3 +266,21 @@ def test_concurrent_writer_never_exposes_a_half_written_entry(mt, tmp_path):
             break
     t.join()
     assert hits >= len(prompts) and not warnings
+
+
+def test_hit_with_chunked_prefill_and_mtp_decoding_matches_cold(mt, cold_tokens):
+    model, tok = mt
+    pc = stored(model, P[:100])
+    chunks = list(stream_generate(model, tok, P, max_tokens=60, temperature=0, prefill_step=7, mtp=True,
+                                  draft_depth=1, prefix_cache=pc))
+    assert [t for c in chunks for t in c.token_ids] == cold_tokens[:60]
+    assert chunks[-1].stats.prefill_tokens == len(P) - 100 and chunks[-1].stats.draft_depth == 1
+
+
+def test_stats_line_says_where_cached_tokens_came_from(mt):
+    from step35_mlx.cli.common import stats_line
+
+    model, tok = mt
+    pc = stored(model, P[:100])
+    st = list(stream_generate(model, tok, P, max_tokens=2, temperature=0, prefix_cache=pc))[-1].stats
+    assert "prompt 30 new + 100 cached (ram)" in stats_line(st)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -12,6 +13,7 @@ import pytest
 
 from chatkit import chat_model, chat_model_dir
 from clirun import one_error_line, run_cli, start_cli
+from step35_mlx.prefix_cache import PrefixCache
 from step35_mlx.session import ChatSession
 
 pytest.importorskip("uvicorn")
@@ -114,3 +116,53 @@ def test_plan_counts_the_ram_budget(tmp_path):
     assert plain.returncode == cached.returncode == 0, cached.stderr
     a, b = json.loads(plain.stdout)["plan"], json.loads(cached.stdout)["plan"]
     assert b["prefix_cache"] == 8 * 10**9 and b["total"] - a["total"] == 8 * 10**9
+
+
+def test_concurrent_clients_share_the_cache_and_get_cold_answers():
+    import uvicorn
+    from concurrent.futures import ThreadPoolExecutor
+
+    from step35_mlx.server import create_app
+
+    model, tok = chat_model()
+    app = create_app(model, tok, model_name="m", max_queue=8,
+                     prefix_cache=PrefixCache(model, ram_bytes=10**7, block_size=16))
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    t = threading.Thread(target=srv.run, daemon=True)
+    t.start()
+    while not srv.started:
+        time.sleep(0.05)
+    base = f"http://127.0.0.1:{port}"
+    convs = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"Question {k}: what is a list?"}]
+             for k in range(3)]
+    head = len(tok.apply_chat_template(convs[0][:1], add_generation_prompt=False))
+
+    def ask(msgs):
+        body, _ = _post(base, "/v1/chat/completions", {"model": "m", "messages": msgs, "max_tokens": 8,
+                                                       "temperature": 0})
+        return body["choices"][0]["message"]["content"], body["usage"]
+
+    def cold(msgs):
+        fresh = ChatSession(model, tok, messages=msgs, max_tokens=8, temperature=0)
+        for _ in fresh.respond():
+            pass
+        return fresh.messages[-1]["content"]
+
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            first = list(pool.map(ask, convs))
+            assert sorted(u["prompt_tokens_details"]["cached_tokens"] for _, u in first) == [0, head, head]
+            for msgs, (answer, _) in zip(convs, first):
+                assert answer == cold(msgs)
+                msgs += [{"role": "assistant", "content": answer}, {"role": "user", "content": "And a tuple?"}]
+            second = list(pool.map(ask, convs))
+        for msgs, (answer, usage), (_, before) in zip(convs, second, first):
+            assert usage["prompt_tokens_details"]["cached_tokens"] >= before["prompt_tokens"] - 2
+            assert answer == cold(msgs)
+        with urllib.request.urlopen(base + "/health", timeout=5) as resp:
+            assert json.loads(resp.read())["prefix_cache"]["hits"] >= 5
+    finally:
+        srv.should_exit = True
+        t.join(10)
+        app.state.engine.close()
