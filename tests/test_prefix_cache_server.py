@@ -166,3 +166,16 @@ def test_concurrent_clients_share_the_cache_and_get_cold_answers():
         srv.should_exit = True
         t.join(10)
         app.state.engine.close()
+
+
+def test_chat_persists_through_the_disk_cache(tmp_path):
+    home, kv = tmp_path / "home", tmp_path / "kv"
+    args = ["chat", "--model", str(chat_model_dir()), "-n", "6", "-t", "0", "--system", SYSTEM,
+            "--cache-disk", "20MB", "--cache-dir", str(kv)]
+    first = run_cli(args, home, input="What is a list?\n")
+    assert first.returncode == 0, first.stderr
+    assert "cached" not in first.stdout
+    again = run_cli(args, home, input="What is a list?\n")
+    assert again.returncode == 0, again.stderr
+    # the same opening turn: everything but the last prompt token comes from the SSD tier
+    assert "prompt 1 new + " in again.stdout and " cached (disk)" in again.stdout, again.stdout

@@ -12,10 +12,13 @@ from typing import Iterator, Optional
 
 import typer
 
-from .common import (DRAFT_DEPTH_OPTION, KV_BITS_OPTION, MAX_CONTEXT_OPTION, MODEL_OPTION, MTP_OPTION,
-                     PREFILL_STEP_OPTION, SEED_OPTION, fail, printable, stats_line)
+from .common import (CACHE_DIR_OPTION, CACHE_DISK_OPTION, DRAFT_DEPTH_OPTION, KV_BITS_OPTION, MAX_CONTEXT_OPTION,
+                     MODEL_OPTION, MTP_OPTION, PREFILL_STEP_OPTION, SEED_OPTION, cache_budgets, fail,
+                     open_prefix_cache, printable, stats_line)
 from ..text import invalid_text_reason
 from .loading import load_for_cli
+
+CHAT_CACHE_RAM = 10**9  # RAM tier in front of chat's --cache-disk (entries wait there until written)
 
 HELP = """\
 /help            show this help
@@ -141,8 +144,12 @@ def chat(
     max_context: Optional[int] = MAX_CONTEXT_OPTION,
     prefill_step: int = PREFILL_STEP_OPTION,
     kv_bits: Optional[int] = KV_BITS_OPTION,
+    cache_disk: str = CACHE_DISK_OPTION,
+    cache_dir: Path = CACHE_DIR_OPTION,
 ) -> None:
     """Chat in the terminal: streaming answers, reasoning dimmed, the KV cache kept between turns.
+
+    With --cache-disk the KV state of every prompt and answer is also kept on SSD: a later chat with the same system prompt (or the same opening turns) starts from it.
 
     Example: step35-mlx chat --model ./Step-3.5-Flash-4bit --system "Be concise."
     """
@@ -151,15 +158,22 @@ def chat(
     from ..session import ChatSession
 
     console = Console(highlight=False, soft_wrap=True)
+
+    def warn(msg: str) -> None:
+        console.print(msg, style="yellow", markup=False)
+
+    _, disk = cache_budgets("0", cache_disk, cache_dir)
+    ram = CHAT_CACHE_RAM if disk else 0
     try:
-        loaded = load_for_cli(model, lambda msg: console.print(msg, style="yellow", markup=False),
-                              max_context=max_context, kv_bits=kv_bits, mtp=mtp, prefill_step=prefill_step)
+        loaded = load_for_cli(model, warn, max_context=max_context, kv_bits=kv_bits, mtp=mtp,
+                              prefill_step=prefill_step, cache_ram=ram)
+        prefix_cache = open_prefix_cache(loaded.model, ram, disk, cache_dir, warn, kv_bits)
         try:
             session = ChatSession(loaded.model, loaded.tokenizer, system=system, max_tokens=max_tokens,
                                   temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed, mtp=mtp,
                                   draft_depth=draft_depth, max_context=loaded.context_limit,
                                   generation_config=loaded.generation_config, kv_bits=kv_bits,
-                                  prefill_step=prefill_step)
+                                  prefill_step=prefill_step, prefix_cache=prefix_cache)
         except ValueError as e:
             fail(str(e))
         console.print(f"step35-mlx chat · {loaded.path} · context limit {session.context_limit} tokens",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import NoReturn
 
 import typer
@@ -15,6 +16,35 @@ MAX_CONTEXT_OPTION = typer.Option(None, "--max-context", help="Context limit in 
 PREFILL_STEP_OPTION = typer.Option(512, "--prefill-step", help="Prompt tokens per prefill chunk; smaller bounds memory on long prompts.")
 KV_BITS_OPTION = typer.Option(None, "--kv-bits", help="Store the KV cache quantized (4 or 8 bits).")
 SEED_OPTION = typer.Option(None, "--seed", help="Random seed for reproducible sampling (0 to 2^64-1).")
+CACHE_DISK_OPTION = typer.Option("0", "--cache-disk", help="Prefix cache on SSD (e.g. 64GB): KV state of earlier prompts, kept across runs; 0 (default) = off.")
+CACHE_DIR_OPTION = typer.Option(Path("~/.cache/step35-mlx/kv"), "--cache-dir", help="Folder of the SSD prefix cache (one subfolder per model and KV format).")
+
+
+def cache_budgets(cache_ram: str, cache_disk: str, cache_dir: Path) -> tuple[int, int]:
+    """``--cache-ram`` / ``--cache-disk`` in bytes, or one red line (checked before the model loads)."""
+    from ..prefix_cache import parse_budget
+
+    try:
+        ram, disk = parse_budget(cache_ram, "--cache-ram"), parse_budget(cache_disk, "--cache-disk")
+    except ValueError as e:
+        fail(str(e))
+    if disk and cache_dir.expanduser().exists() and not cache_dir.expanduser().is_dir():
+        fail(f"--cache-dir {cache_dir} is not a folder")
+    return ram, disk
+
+
+def open_prefix_cache(model, ram: int, disk: int, cache_dir: Path, warn, kv_bits: int | None = None):
+    """The ``PrefixCache`` for these budgets (``None`` when both are 0), or one red line."""
+    from ..prefix_cache import PrefixCache
+
+    if not ram and not disk:
+        return None
+    try:
+        return PrefixCache(model, ram_bytes=ram, disk_bytes=disk, cache_dir=cache_dir, kv_bits=kv_bits, warn=warn)
+    except ValueError as e:
+        fail(str(e))
+    except OSError as e:
+        fail(f"--cache-dir {cache_dir}: {e.strerror or e}")
 
 
 def fail(message: str, code: int = 2) -> NoReturn:

@@ -7,7 +7,8 @@ from typing import Optional
 
 import typer
 
-from .common import MAX_CONTEXT_OPTION, MODEL_OPTION, MTP_OPTION, fail
+from .common import (CACHE_DIR_OPTION, CACHE_DISK_OPTION, MAX_CONTEXT_OPTION, MODEL_OPTION, MTP_OPTION, cache_budgets,
+                     fail, open_prefix_cache)
 from .loading import load_for_cli
 
 
@@ -22,8 +23,8 @@ def serve(
     mtp: Optional[bool] = MTP_OPTION,
     max_body: str = typer.Option("8MB", "--max-body", help="Largest request body accepted (e.g. 8MB, 512KB); larger requests get 413 before they are read."),
     cache_ram: str = typer.Option("8GB", "--cache-ram", help="Prefix cache in RAM: KV state of earlier prompts reused by every client (0 turns it off)."),
-    cache_disk: str = typer.Option("0", "--cache-disk", help="Prefix cache on SSD (e.g. 64GB): survives restarts; 0 (default) keeps it in RAM only."),
-    cache_dir: Path = typer.Option(Path("~/.cache/step35-mlx/kv"), "--cache-dir", help="Folder of the SSD prefix cache (one subfolder per model and KV format)."),
+    cache_disk: str = CACHE_DISK_OPTION,
+    cache_dir: Path = CACHE_DIR_OPTION,
 ) -> None:
     """Serve a model over HTTP for OpenAI and Anthropic clients (Claude Code, opencode, SDKs).
 
@@ -36,34 +37,25 @@ def serve(
     except ImportError as e:
         fail(f"the server needs FastAPI and uvicorn ({e.name} is missing): pip install 'step35-mlx[serve]'")
     from ..convert.quantize import parse_size
-    from ..prefix_cache import PrefixCache, parse_budget
 
     try:
         max_body_bytes = parse_size(max_body)
     except ValueError as e:
         fail(f"--max-body: {e}")
-    try:
-        ram, disk = parse_budget(cache_ram, "--cache-ram"), parse_budget(cache_disk, "--cache-disk")
-    except ValueError as e:
-        fail(str(e))
-    if disk and cache_dir.expanduser().exists() and not cache_dir.expanduser().is_dir():
-        fail(f"--cache-dir {cache_dir} is not a folder")
+    ram, disk = cache_budgets(cache_ram, cache_disk, cache_dir)
     loaded = load_for_cli(model, lambda text: typer.echo(text, err=True), max_context=max_context, mtp=mtp,
                           cache_ram=ram)
     if not model_name:
         model_name = ("step35-mlx-demo" if model in (None, "demo")
                       else loaded.path.name if Path(model).expanduser().exists() else model)
+    prefix_cache = open_prefix_cache(loaded.model, ram, disk, cache_dir, lambda text: typer.echo(text, err=True))
     try:
-        prefix_cache = (PrefixCache(loaded.model, ram_bytes=ram, disk_bytes=disk, cache_dir=cache_dir,
-                                    warn=lambda text: typer.echo(text, err=True)) if ram or disk else None)
         app = create_app(loaded.model, loaded.tokenizer, model_name=model_name, api_key=api_key,
                          max_queue=max_queue, generation_config=loaded.generation_config,
                          max_body_bytes=max_body_bytes, max_context=loaded.context_limit, prefix_cache=prefix_cache,
                          **({"mtp": mtp} if mtp is not None else {}))
     except ValueError as e:
         fail(str(e))
-    except OSError as e:
-        fail(f"--cache-dir {cache_dir}: {e.strerror or e}")
     shown = "localhost" if host in ("0.0.0.0", "::") else host
     base = f"http://{shown}:{port}"
     typer.echo(f"serving {loaded.path} as '{model_name}'")
