@@ -209,7 +209,7 @@ def test_damaged_or_foreign_files_are_refused_and_removed(mt, tmp_path):
     truncated.write_bytes(truncated.read_bytes()[:-100])
     arrays, meta = mx.load(str(foreign), return_metadata=True)
     info = json.loads(meta["step35_mlx_prefix_cache"])
-    info["cache"] = "0123456789abcdef-f-s8-b16"  # another model's fingerprint
+    info["cache"] = "0123456789abcdef-float32-s8-b16"  # another model's fingerprint
     mx.save_safetensors(str(foreign), arrays, metadata={"step35_mlx_prefix_cache": json.dumps(info)})
     arrays, meta = mx.load(str(crafted), return_metadata=True)
     info = json.loads(meta["step35_mlx_prefix_cache"])

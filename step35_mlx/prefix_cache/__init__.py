@@ -26,7 +26,7 @@ only the first drafts' acceptance is lower.
 Tiers: RAM entries are evicted least recently used first when the RAM bytes (every
 array held, shared blocks once) pass ``ram_bytes``; with a disk tier every entry is
 also written (after its turn, ``flush``) and an evicted entry stays there, loaded
-back on a hit. Disk files live in ``cache_dir/<model fingerprint>-<KV format>-s<slack>-b<block>/``,
+back on a hit. Disk files live in ``cache_dir/<model fingerprint>-<KV dtype and bits>-s<slack>-b<block>/``,
 one safetensors file per block and per entry, written atomically, evicted LRU by
 bytes on disk; damaged or foreign files are deleted with a warning (:mod:`.disk`).
 """

@@ -35,6 +35,13 @@ def model_fingerprint(model: Any) -> str:
     return h.hexdigest()[:16]
 
 
+def activation_dtype(model: Any) -> mx.Dtype:
+    """The float type of the hidden states, hence of float K/V: the embedding's (its scales' when quantized)."""
+    emb = model.model.embed_tokens
+    w = emb.weight
+    return w.dtype if mx.issubdtype(w.dtype, mx.floating) else emb.scales.dtype
+
+
 @dataclass
 class Hit:
     """The result of a lookup: ``length`` prompt tokens restored into the cache (0: a miss), and from which tier."""
@@ -102,8 +109,7 @@ class PrefixCache:
 
     def __init__(self, model: Any, *, ram_bytes: int = 8 * 10**9, disk_bytes: int = 0,
                  cache_dir: str | Path | None = None, block_size: int = DEFAULT_BLOCK, kv_bits: int | None = None,
-                 kv_group_size: int | None = None, slack: int | None = None,
-                 warn: Callable[[str], None] | None = None) -> None:
+                 kv_group_size: int | None = None, warn: Callable[[str], None] | None = None) -> None:
         from ..generate import new_cache
 
         if block_size < 1:
@@ -116,11 +122,10 @@ class PrefixCache:
         self.kv_group = getattr(probe[0], "group_size", 64)
         rings = [c for c in probe if isinstance(c, SlidingKVCache)]
         self.slack = rings[0].slack if rings else 0
-        if slack is not None and rings and slack != self.slack:
-            raise ValueError(f"ring slack {slack} differs from the model's caches ({self.slack})")
+        self.dtype = activation_dtype(model)
         self.specs = [model.config.layer(i) for i in range(len(model.layers))]
         self._probe = probe
-        fmt = "f" if self.kv_bits is None else f"q{self.kv_bits}g{self.kv_group}"
+        fmt = str(self.dtype).rsplit(".", 1)[-1] + ("" if self.kv_bits is None else f"-q{self.kv_bits}g{self.kv_group}")
         self.key = f"{model_fingerprint(model)}-{fmt}-s{self.slack}-b{block_size}"
         self._seed = hashlib.sha256(self.key.encode()).digest()
         self.warn = warn or (lambda m: print(m, file=sys.stderr))
@@ -129,6 +134,7 @@ class PrefixCache:
         self.blocks: dict[str, dict[int, tuple[Any, Any]]] = {}
         self.block_refs: dict[str, int] = {}
         self.hits = self.misses = 0
+        self._dtype_warned = False
         self.disk: DiskTier | None = None
         if disk_bytes > 0:
             folder = Path(cache_dir or DEFAULT_CACHE_DIR).expanduser() / self.key
@@ -200,6 +206,12 @@ class PrefixCache:
         toks = np.asarray(list(tokens), np.int32)
         n = len(toks)
         if n == 0 or any(c.offset != n for c in cache):
+            return
+        if _parts(cache[0].keys)[-1].dtype != self.dtype:  # would not match this cache's key: never store it
+            if not self._dtype_warned:
+                self.warn(f"warning: prefix cache: K/V are {_parts(cache[0].keys)[-1].dtype}, expected {self.dtype}; "
+                          "nothing is cached")
+                self._dtype_warned = True
             return
         with self.lock:
             chain = self._chain(toks)
@@ -283,7 +295,7 @@ class PrefixCache:
                 a = arrays.get(f"{prefix}.{name}.{j}")
                 if a is None:
                     raise DamagedFile(f"array {prefix}.{name}.{j} is missing")
-                ok = a.dtype == mx.uint32 if kind == "uint32" else mx.issubdtype(a.dtype, mx.floating)
+                ok = a.dtype == (mx.uint32 if kind == "uint32" else self.dtype)
                 if tuple(a.shape) != shape or not ok:
                     raise DamagedFile(f"array {prefix}.{name}.{j} is {tuple(a.shape)} {a.dtype}; expected {shape}")
 
