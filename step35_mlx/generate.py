@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 import mlx.core as mx
 
 from .reasoning import THINK_CLOSE, THINK_OPEN, ReasoningSplitter
-from .sampling import SamplingParams, probs, sample
+from .sampling import SamplingParams, sample_token
 from .tool_calls import ToolCall, ToolCallParser
 
 # Fallbacks when neither the call nor the checkpoint's generation_config.json sets a value.
@@ -361,7 +361,7 @@ def ar_tokens(
     def pick(logits: mx.array, hist: mx.array) -> mx.array:
         for proc in processors:
             logits = proc(hist, logits)
-        return sample(probs(logits, params), next_key()).astype(mx.int32)
+        return sample_token(logits, params, next_key()).astype(mx.int32)
 
     # All but the last token go through the trunk with only the cache evaluated, so no position but
     # the last runs the final layer's FFN (no cache needs it), as in mlx-lm; the last token gives the logits.
