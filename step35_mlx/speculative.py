@@ -303,7 +303,7 @@ def speculative_tokens(
         drafter.__init__(model, depth, start=start, slack=drafter.slack, vocab=drafter.vocab)
     hidden = None
     for s in range(0, len(prompt_ids), prefill_step):
-        hidden = model.forward_hidden(prompt[None, s : s + prefill_step], cache)
+        hidden = model.trunk(prompt[None, s : s + prefill_step], cache)
         drafter.add_hidden(hidden)
         drafter.absorb(tokens)
         mx.eval(hidden)
@@ -317,6 +317,7 @@ def speculative_tokens(
         yield tokens[-1]
         while True:
             key, k_draft, k_verify = mx.random.split(key, 3)
+<<<<<<< HEAD
             drafts = drafter.propose(tokens, params, k_draft, processors)
             hidden = model.forward_hidden(mx.concatenate([mx.array([tokens[-1]], dtype=mx.int32), drafts.tokens])[None],
                                           cache)
@@ -324,6 +325,12 @@ def speculative_tokens(
             verdict = (_accept_greedy(rows, drafts.tokens) if params.greedy
                        else _accept(probs(rows, params), drafts.q, drafts.tokens, k_verify))
             n, nxt, *proposed = mx.concatenate([verdict, drafts.tokens]).tolist()  # the step's one read
+=======
+            drafts, qs = drafter.propose(tokens, params, k_draft, processors)
+            hidden = model.trunk(mx.array([[tokens[-1]] + drafts]), cache)
+            p = _target_probs(model.logits(hidden)[0], tokens, drafts, params, processors)
+            n, nxt = accept_drafts(p, mx.stack(qs), drafts, k_verify)
+>>>>>>> main
             for c in cache:
                 c.trim(len(proposed) - n)
             drafter.add_hidden(hidden[:, : n + 1])
@@ -339,7 +346,7 @@ def speculative_tokens(
                 c.trim(extra)
             drafter.drop_rows(extra)
         if not last_in_cache:
-            drafter.add_hidden(model.forward_hidden(mx.array([[tokens[-1]]]), cache))
+            drafter.add_hidden(model.trunk(mx.array([[tokens[-1]]]), cache))
 
 
 class MTPDecoder:
