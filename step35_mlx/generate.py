@@ -34,12 +34,8 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 import mlx.core as mx
 
 from .reasoning import THINK_CLOSE, THINK_OPEN, ReasoningSplitter
-<<<<<<< HEAD
 from .sampling import SamplingParams, sample_token
-=======
-from .sampling import SamplingParams, probs, sample
 from .text import check_text
->>>>>>> main
 from .tool_calls import ToolCall, ToolCallParser
 from .tuned import load_choice
 

@@ -317,20 +317,13 @@ def speculative_tokens(
         yield tokens[-1]
         while True:
             key, k_draft, k_verify = mx.random.split(key, 3)
-<<<<<<< HEAD
             drafts = drafter.propose(tokens, params, k_draft, processors)
-            hidden = model.forward_hidden(mx.concatenate([mx.array([tokens[-1]], dtype=mx.int32), drafts.tokens])[None],
+            hidden = model.trunk(mx.concatenate([mx.array([tokens[-1]], dtype=mx.int32), drafts.tokens])[None],
                                           cache)
             rows = _target_logits(model.logits(hidden)[0], tokens, drafts.tokens, processors)
             verdict = (_accept_greedy(rows, drafts.tokens) if params.greedy
                        else _accept(probs(rows, params), drafts.q, drafts.tokens, k_verify))
             n, nxt, *proposed = mx.concatenate([verdict, drafts.tokens]).tolist()  # the step's one read
-=======
-            drafts, qs = drafter.propose(tokens, params, k_draft, processors)
-            hidden = model.trunk(mx.array([[tokens[-1]] + drafts]), cache)
-            p = _target_probs(model.logits(hidden)[0], tokens, drafts, params, processors)
-            n, nxt = accept_drafts(p, mx.stack(qs), drafts, k_verify)
->>>>>>> main
             for c in cache:
                 c.trim(len(proposed) - n)
             drafter.add_hidden(hidden[:, : n + 1])

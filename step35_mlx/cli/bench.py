@@ -1,0 +1,82 @@
+"""``step35-mlx bench``: prompt-processing and generation tokens/s at several context depths."""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import typer
+
+from .common import MODEL_OPTION, fail
+from .loading import load_for_cli
+
+
+def _depths(text: str) -> list[int]:
+    try:
+        depths = [int(d.strip().lower().replace("k", "")) * (1024 if d.strip().lower().endswith("k") else 1)
+                  for d in text.split(",") if d.strip()]
+    except ValueError:
+        fail(f"--depth takes comma-separated token counts such as 0,4096,32768, got {text!r}")
+    if not depths or any(d < 0 for d in depths):
+        fail(f"--depth takes non-negative token counts such as 0,4096,32768, got {text!r}")
+    return depths
+
+
+def bench(
+    model: Optional[str] = MODEL_OPTION,
+    prompt_tokens: int = typer.Option(512, "--prompt-tokens", "-p", min=1, help="Prompt tokens timed to the first token (pp)."),
+    gen_tokens: int = typer.Option(128, "--gen-tokens", "-n", min=1, help="Tokens generated after the prompt (tg)."),
+    depth: str = typer.Option("0", "--depth", "-d", help="Context tokens already in the cache, comma-separated (e.g. 0,4096,32k)."),
+    mtp: int = typer.Option(0, "--mtp", min=0, max=3, help="Also decode with this many MTP drafts per step (0: plain only)."),
+    repetitions: int = typer.Option(3, "--repetitions", "-r", min=1, help="Repetitions per depth; medians are reported."),
+    prefill_step: int = typer.Option(512, "--prefill-step", min=1, help="Prompt tokens per prefill chunk."),
+    vs_mlx_lm: bool = typer.Option(False, "--vs-mlx-lm", help="Also run mlx-lm's own model on the same weights and print ratios."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON instead of a table."),
+) -> None:
+    """Measure prompt processing and generation speed (tokens/s) and peak memory at several context depths.
+
+    One table to paste into an issue: the machine (chip, memory, MLX version and device), pp and tg
+    tokens/s per depth (medians and ranges), peak memory, MTP acceptance when --mtp is on, and with
+    --vs-mlx-lm the same measurement of mlx-lm's model on the same folder and the ratios.
+
+    Examples: step35-mlx bench --model ~/models/step35-q4 -p 512 -n 128 --depth 0,4096,32768
+              step35-mlx bench --model demo --mtp 2 --json
+    """
+    from rich.console import Console
+
+    from ..bench import BenchSettings, bench_mlx_lm, bench_ours, machine_info, ratios, report, table
+
+    depths = _depths(depth)
+    console = Console(stderr=True)
+    loaded = load_for_cli(model, lambda msg: console.print(msg, style="yellow", markup=False), mtp=bool(mtp) or None)
+    m = loaded.model
+    if mtp and mtp > m.num_mtp:
+        fail(f"--mtp {mtp}: this checkpoint has {m.num_mtp} MTP modules")
+    need = max(depths) + prompt_tokens + gen_tokens + mtp
+    if need > loaded.context_limit:
+        fail(f"depth {max(depths)} + {prompt_tokens} prompt + {gen_tokens} generated tokens = {need} exceeds "
+             f"the context limit of {loaded.context_limit} tokens")
+    settings = BenchSettings(prompt_tokens, gen_tokens, depths, 0, repetitions, prefill_step)
+    cfg = m.config
+    desc = (f"{loaded.path} ({cfg.model_type}, hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, "
+            f"vocab {cfg.vocab_size}, {(cfg.raw.get('quantization') or {}).get('bits', 'float')} bits)")
+    with console.status("measuring") as status:
+        def progress(msg: str) -> None:
+            status.update(msg)
+
+        rows = bench_ours(m, settings, progress)
+        if mtp:
+            rows += bench_ours(m, BenchSettings(**{**settings.__dict__, "mtp": mtp}), progress)
+        theirs = []
+        if vs_mlx_lm:
+            del m, loaded.model
+            try:
+                theirs = bench_mlx_lm(loaded.path, settings, progress)
+            except (ValueError, KeyError, OSError, ImportError) as e:
+                fail(f"mlx-lm cannot run {loaded.path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    ratio_rows = ratios(rows[: len(depths)], theirs)
+    machine = machine_info()
+    if as_json:
+        typer.echo(json.dumps(report(machine, desc, settings, rows + theirs, ratio_rows), indent=1))
+    else:
+        typer.echo(table(machine, desc, settings, rows + theirs, ratio_rows))
