@@ -125,6 +125,10 @@ def _measure(engine: str, settings: BenchSettings, vocab: int,
              run: Callable[[list[int], list[int]], Iterator[Any]], stats: Callable[[], dict] | None = None,
              progress: Callable[[str], None] | None = None) -> list[BenchRow]:
     rows = []
+    warm = run([], token_ids(vocab, min(8, settings.prompt_tokens), settings.seed))  # compile / first-call costs
+    _time(warm, 1, 2)
+    if stats:
+        stats()
     for depth in settings.depths:
         samples = []
         for r in range(settings.repetitions):
@@ -143,6 +147,7 @@ def _measure(engine: str, settings: BenchSettings, vocab: int,
 
 def bench_ours(model: Any, settings: BenchSettings, progress: Callable[[str], None] | None = None) -> list[BenchRow]:
     """Our generators on ``model``: plain ``ar_tokens`` or MTP with ``settings.mtp`` drafts."""
+    from .draft_vocab import default_draft_ids
     from .generate import ar_tokens, prefill
     from .sampling import SamplingParams
     from .speculative import SpecStats, speculative_tokens
@@ -151,17 +156,25 @@ def bench_ours(model: Any, settings: BenchSettings, progress: Callable[[str], No
     spec = SpecStats(settings.mtp) if settings.mtp else None
 
     def run(ctx: list[int], prompt: list[int]) -> Iterator[int]:
+        nonlocal spec
         cache = model.make_cache()
         if ctx:
             prefill(model, cache, mx.array(ctx, dtype=mx.int32), settings.prefill_step)
         p = mx.array(prompt, dtype=mx.int32)
         if spec is not None:
             return speculative_tokens(model, cache, p, greedy, depth=settings.mtp, stats=spec,
-                                      history=ctx + prompt, prefill_step=settings.prefill_step)
+                                      history=ctx + prompt, prefill_step=settings.prefill_step,
+                                      draft_vocab=default_draft_ids(model))
         return ar_tokens(model, cache, p, greedy, prefill_step=settings.prefill_step)
 
     def stats() -> dict:
-        return {"acceptance": spec.acceptance, "tokens_per_verify": spec.tokens_per_verify} if spec else {}
+        """This depth's MTP statistics; the next depth starts fresh."""
+        nonlocal spec
+        if spec is None:
+            return {}
+        out = {"acceptance": spec.acceptance, "tokens_per_verify": spec.tokens_per_verify}
+        spec = SpecStats(settings.mtp)
+        return out
 
     return _measure("ours" + (f" mtp d={settings.mtp}" if settings.mtp else ""), settings,
                     model.config.vocab_size, run, stats, progress)

@@ -92,3 +92,14 @@ def slice_rows(linear: nn.Module, ids: mx.array) -> nn.Module:
         out.bias = linear.bias[ids]
     mx.eval(out.parameters())
     return out
+
+
+def default_draft_ids(model: object) -> mx.array | None:
+    """The draft ids stored with ``model``'s folder (``draft_vocab.json`` with a chosen size), else ``None``."""
+    folder = getattr(model, "source_path", None)
+    if folder is None:
+        return None
+    vocab = load_draft_vocab(folder)
+    if vocab is None or not vocab.size or vocab.size >= getattr(model.config, "vocab_size", 0):
+        return None
+    return vocab.top(vocab.size)

@@ -23,7 +23,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from .model import DEFAULT_SLACK, Model
-from .draft_vocab import slice_rows
+from .draft_vocab import default_draft_ids, slice_rows
 from .sampling import SamplingParams, probs, residual, sample, sample_token
 
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
@@ -345,7 +345,8 @@ def speculative_tokens(
 class MTPDecoder:
     """A token generator (``generate.TokenGenerator`` protocol) that decodes with MTP drafts.
 
-    Holds the acceptance statistics of its runs, for the stats line and ``tune``.
+    Holds the acceptance statistics of its runs, for the stats line and ``tune``. Drafts use
+    the reduced vocabulary stored with the model's folder when there is one (``draft_vocab.json``).
     """
 
     def __init__(self, depth: int):
@@ -357,4 +358,4 @@ class MTPDecoder:
                  prefill_step: int = 512, on_prefilled: Callable[[], None] | None = None) -> Iterator[int]:
         return speculative_tokens(model, cache, prompt, params, depth=self.depth, key=key,
                                   logits_processors=logits_processors, prefill_step=prefill_step,
-                                  on_prefilled=on_prefilled, stats=self.stats)
+                                  on_prefilled=on_prefilled, stats=self.stats, draft_vocab=default_draft_ids(model))

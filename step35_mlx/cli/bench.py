@@ -48,7 +48,7 @@ def bench(
 
     depths = _depths(depth)
     console = Console(stderr=True)
-    loaded = load_for_cli(model, lambda msg: console.print(msg, style="yellow", markup=False), mtp=bool(mtp) or None)
+    loaded = load_for_cli(model, lambda msg: console.print(msg, style="yellow", markup=False), mtp=bool(mtp))
     m = loaded.model
     if mtp and mtp > m.num_mtp:
         fail(f"--mtp {mtp}: this checkpoint has {m.num_mtp} MTP modules")
