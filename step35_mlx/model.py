@@ -19,6 +19,7 @@ from .layers.attention import Attention
 from .layers.mlp import MLP
 from .layers.moe import MoE
 from .layers.norms import ZeroCenteredRMSNorm
+from .streams import split_moe_ffn
 
 DEFAULT_SLACK = 8
 MTP_HIDDEN_VARIANTS = ("pre_norm", "post_norm")
@@ -53,8 +54,12 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = MLP(H, config.intermediate_size, spec.swiglu_limit_shared)
 
+    side_stream = None  # a second stream for independent FFN work (see ``streams.use_two_streams``)
+
     def ffn(self, x: mx.array) -> mx.array:
         if self.is_moe:
+            if self.side_stream is not None:
+                return split_moe_ffn(self, x, self.side_stream)
             return self.moe(x) + self.share_expert(x)
         return self.mlp(x)
 
