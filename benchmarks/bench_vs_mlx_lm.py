@@ -73,6 +73,7 @@ from mlx.utils import tree_flatten
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from step35_mlx.bench_checkpoint import FULL, bench_config, write_checkpoint  # noqa: E402
+from step35_mlx.streams import use_two_streams  # noqa: E402
 
 MIB = 1024 * 1024
 
@@ -245,6 +246,8 @@ def main() -> int:
     ap.add_argument("--prefill-step", type=int, default=2048, help="prefill chunk (mlx-lm's default 2048)")
     ap.add_argument("--block", type=int, default=4, help="decode tokens per interleaved block")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--streams", type=int, choices=[1, 2], default=1,
+                    help="CPU streams for our decode (2: streams.use_two_streams); mlx-lm always runs on one")
     ap.add_argument("--workdir", type=Path, default=None, help="where to write the checkpoint (default: a temp dir)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     ap.add_argument("--tol", type=float, default=1e-4, help="max|diff|/max|logit| allowed before timing")
@@ -260,7 +263,8 @@ def main() -> int:
 
     cfg = bench_config(args)
     print(f"mlx {mx.__version__}, mlx-lm {mlx_lm.__version__}, {platform.machine()}, "
-          f"{os.cpu_count()} CPUs, device {mx.default_device()}, float32 activations")
+          f"{os.cpu_count()} CPUs, device {mx.default_device()}, float32 activations, "
+          f"ours on {args.streams} CPU stream(s)")
     print(f"model: hidden {args.hidden}, {args.layers} layers "
           f"({''.join('F' if t == FULL else 'S' for t in cfg['layer_types'])}: full at i%4==0, "
           f"sliding window {args.window}), full 8 q heads / sliding 12 q heads, {args.kv_heads} kv heads, "
@@ -294,6 +298,8 @@ def main() -> int:
         for name in order:
             before = mx.get_active_memory()
             models[name] = loaders[name](ckpt)
+            if name == "ours":
+                use_two_streams(models[name], args.streams == 2)
             mx.eval(models[name].parameters())
             weights[name] = param_bytes(models[name])
             if verbose:

@@ -73,6 +73,7 @@ class BenchSettings:
     repetitions: int = 3
     prefill_step: int = 512
     seed: int = 0
+    streams: int = 1  # 2: our MoE decode split over two CPU streams (streams.use_two_streams)
 
 
 @dataclass
@@ -152,8 +153,11 @@ def bench_ours(model: Any, settings: BenchSettings, progress: Callable[[str], No
     from .sampling import SamplingParams
     from .speculative import SpecStats, speculative_tokens
 
+    from .streams import use_two_streams
+
     greedy = SamplingParams(temperature=0.0)
     spec = SpecStats(settings.mtp) if settings.mtp else None
+    use_two_streams(model, settings.streams == 2)
 
     def run(ctx: list[int], prompt: list[int]) -> Iterator[int]:
         nonlocal spec
@@ -231,7 +235,7 @@ def table(machine: MachineInfo, model_desc: str, settings: BenchSettings, rows: 
     lines = [f"machine: {machine.line()}", f"model: {model_desc}",
              f"pp = {settings.prompt_tokens}-token prompt, tg = {settings.gen_tokens} tokens after it "
              f"({GREEDY_NOTE}); depth = context tokens already in the cache; median "
-             f"[min-max] of {settings.repetitions}",
+             f"[min-max] of {settings.repetitions}; ours on {settings.streams} CPU stream(s)",
              "", f"{'engine':<16} {'depth':>7} {'pp tok/s':>22} {'tg tok/s':>22} {'peak GB':>8}  MTP"]
     for r in rows:
         pp = f"{r.pp_tps:.1f} [{r.pp_range[0]:.1f}-{r.pp_range[1]:.1f}]"

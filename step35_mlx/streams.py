@@ -14,6 +14,7 @@ the device; not measured there): :func:`use_two_streams` turns it on for a model
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import mlx.core as mx
@@ -36,6 +37,12 @@ def split_moe_ffn(layer: Any, x: mx.array, side: Any) -> mx.array:
             y_side = moe.experts(x, idx[..., h:])
         y = mx.concatenate([moe.experts(x, idx[..., :h]), y_side], axis=-2)
     return moe.combine(y, w, x.dtype) + shared
+
+
+def default_two_streams() -> bool:
+    """Whether two streams can help here: the CPU device and at least two cores this process may use."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return mx.default_device() == mx.cpu and cores >= 2
 
 
 def use_two_streams(model: Any, enable: bool = True) -> bool:

@@ -32,6 +32,7 @@ def bench(
     prefill_step: int = typer.Option(512, "--prefill-step", min=1, help="Prompt tokens per prefill chunk."),
     vs_mlx_lm: bool = typer.Option(False, "--vs-mlx-lm", help="Also run mlx-lm's own model on the same weights and print ratios."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON instead of a table."),
+    streams: Optional[int] = typer.Option(None, "--streams", min=1, max=2, help="CPU streams for our decode (default: 2 on the CPU device with 2+ cores, else 1)."),
 ) -> None:
     """Measure prompt processing and generation speed (tokens/s) and peak memory at several context depths.
 
@@ -45,6 +46,7 @@ def bench(
     from rich.console import Console
 
     from ..bench import BenchSettings, bench_mlx_lm, bench_ours, machine_info, ratios, report, table
+    from ..streams import default_two_streams
 
     depths = _depths(depth)
     console = Console(stderr=True)
@@ -56,7 +58,11 @@ def bench(
     if need > loaded.context_limit:
         fail(f"depth {max(depths)} + {prompt_tokens} prompt + {gen_tokens} generated tokens = {need} exceeds "
              f"the context limit of {loaded.context_limit} tokens")
-    settings = BenchSettings(prompt_tokens, gen_tokens, depths, 0, repetitions, prefill_step)
+    if streams is None:
+        streams = 2 if default_two_streams() else 1
+    elif streams == 2 and not default_two_streams():
+        fail("--streams 2 needs the CPU device and at least 2 usable cores")
+    settings = BenchSettings(prompt_tokens, gen_tokens, depths, 0, repetitions, prefill_step, streams=streams)
     cfg = m.config
     desc = (f"{loaded.path} ({cfg.model_type}, hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, "
             f"vocab {cfg.vocab_size}, {(cfg.raw.get('quantization') or {}).get('bits', 'float')} bits)")
