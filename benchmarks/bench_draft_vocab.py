@@ -34,6 +34,58 @@ QUESTIONS = ["Explain what the `with` statement does in Python, with an example.
              "What is a generator?", "How do I open a file and read its lines?"]
 
 
+BPW = 4.5 / 8  # q4: 4-bit weights + a bf16 scale and bias per 64 weights, bytes per weight
+
+
+def release_bytes() -> dict:
+    """Bytes one decode forward of the release reads at q4, from its bundled config.json.
+
+    Attention (q/k/v/o/g of each layer's type), dense MLPs, shared experts, the bf16 router and
+    the lm_head are read every forward (``fixed``); each routed expert is ``expert`` bytes per MoE
+    layer; an MTP module is its decoder layer (sliding attention + dense MLP) and ``eh_proj``
+    (``mtp_layer``) plus its 128,896-row head (``mtp_head_row`` bytes a row). Norms are ignored.
+    """
+    cfg = json.loads((Path(__file__).resolve().parents[1] / "step35_mlx" / "data" / "step3p5-flash-config.json").read_text())
+    H, L, V = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
+    other = cfg["attention_other_setting"]
+    moe = {int(i) for i in cfg["moe_layers_enum"].split(",")}
+
+    def attn(kind: str) -> float:
+        heads = other["num_attention_heads"] if kind == "sliding_attention" else cfg["num_attention_heads"]
+        kv = other["num_attention_groups"] if kind == "sliding_attention" else cfg["num_attention_groups"]
+        d = cfg["head_dim"]
+        return (2 * heads * d * H + 2 * kv * d * H + heads * H) * BPW
+
+    dense = 3 * cfg["intermediate_size"] * H * BPW
+    expert = 3 * cfg["moe_intermediate_size"] * H * BPW
+    fixed = V * H * BPW  # lm_head
+    for i in range(L):
+        fixed += attn(cfg["layer_types"][i])
+        fixed += (3 * cfg["share_expert_dim"] * H * BPW + cfg["moe_num_experts"] * H * 2) if i in moe else dense
+    mtp_layer = attn(cfg["layer_types"][L]) + dense + 2 * H * H * BPW
+    return {"fixed": fixed, "expert": expert, "moe_layers": len(moe), "experts": cfg["moe_num_experts"],
+            "top_k": cfg["moe_top_k"], "mtp_layer": mtp_layer, "mtp_head_row": H * BPW, "vocab": V}
+
+
+def project_release(acceptance: list[float], head_rows: int, rel: dict) -> float:
+    """Release bytes per generated token / plain's, for MTP with this per-position acceptance.
+
+    A verify of d + 1 rows reads the union of their experts, taken as independent routing:
+    ``E (1 - (1 - k/E)^(d+1))`` experts per MoE layer; tokens per verify is
+    ``1 + a1 + a1 a2 + ...`` from the measured acceptance.
+    """
+    d = len(acceptance)
+    E, k = rel["experts"], rel["top_k"]
+    union = E * (1 - (1 - k / E) ** (d + 1))
+    tpv, run = 1.0, 1.0
+    for a in acceptance:
+        run *= a
+        tpv += run
+    step = rel["fixed"] + union * rel["expert"] * rel["moe_layers"] + d * (rel["mtp_layer"] + head_rows * rel["mtp_head_row"])
+    plain = rel["fixed"] + k * rel["expert"] * rel["moe_layers"]
+    return step / tpv / plain
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="2048,1024,512,256,128")
@@ -78,6 +130,14 @@ def main() -> int:
             print(f"d={d} N={n:5d}: acceptance {' '.join(f'{x:.2f}' for x in a)}, tokens/verify "
                   f"{r['tokens_per_verify']:.2f}, bytes/token {r['bytes_ratio']:.3f}x plain", flush=True)
     print("greedy outputs identical to plain decoding for every (d, N): True")
+    rel = release_bytes()
+    plain = rel["fixed"] + rel["top_k"] * rel["expert"] * rel["moe_layers"]
+    print(f"release q4 projection (plain {plain / 1e9:.2f} GB per token; the demo's acceptance at the same "
+          f"N / V share, N scaled to the release's {rel['vocab']:,} rows):")
+    for r in rows:
+        n_rel = round(rel["vocab"] * min(r["N"], V) / V)
+        r["release_bytes_ratio"] = project_release(r["acceptance"], n_rel, rel)
+        print(f"  d={r['depth']} N={n_rel:6d}: {r['release_bytes_ratio']:.3f}x plain")
     if args.write:
         path = save_draft_vocab(Path(model.source_path), ranked, "demo training corpus", args.write)
         print(f"wrote {path}")
