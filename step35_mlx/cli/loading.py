@@ -35,6 +35,7 @@ def load_for_cli(model: Optional[str], announce: Callable[[str], None], *, max_c
     from ..hub import DEMO_DIR, ModelNotFoundError, resolve_model
     from ..loader import CheckpointError, load
     from ..plan import InsufficientMemoryError, preflight
+    from ..streams import default_two_streams, use_two_streams
 
     try:
         path = resolve_model(model)
@@ -62,6 +63,7 @@ def load_for_cli(model: Optional[str], announce: Callable[[str], None], *, max_c
                  f"(`step35-mlx plan --model {path}` shows the options).")
     try:
         m, tok = load(path, config=config, mtp=keep_mtp)
+        use_two_streams(m, default_two_streams())  # CPU device with 2+ cores: MoE decode on both
         generation_config = read_generation_config(path, warn=announce)
     except (ValueError, OSError) as e:
         fail(f"cannot load {path}: {e}")
