@@ -223,14 +223,14 @@ def ratios(ours: Sequence[BenchRow], theirs: Sequence[BenchRow]) -> list[dict]:
 
 
 def report(machine: MachineInfo, model_desc: str, settings: BenchSettings, rows: Sequence[BenchRow],
-           ratio_rows: Sequence[dict]) -> dict:
+           ratio_rows: Sequence[dict], floor_tps: float = 0.0) -> dict:
     """Everything of a run as one JSON-able dict."""
     return {"machine": asdict(machine), "model": model_desc, "settings": asdict(settings),
-            "rows": [asdict(r) for r in rows], "ratios": list(ratio_rows)}
+            "rows": [asdict(r) for r in rows], "ratios": list(ratio_rows), "floor_tps": floor_tps}
 
 
 def table(machine: MachineInfo, model_desc: str, settings: BenchSettings, rows: Sequence[BenchRow],
-          ratio_rows: Sequence[dict]) -> str:
+          ratio_rows: Sequence[dict], floor_tps: float = 0.0) -> str:
     """The plain-text table a user pastes into an issue."""
     lines = [f"machine: {machine.line()}", f"model: {model_desc}",
              f"pp = {settings.prompt_tokens}-token prompt, tg = {settings.gen_tokens} tokens after it "
@@ -243,6 +243,9 @@ def table(machine: MachineInfo, model_desc: str, settings: BenchSettings, rows: 
         mtp = (f"accept {'/'.join(f'{a:.2f}' for a in r.acceptance)}, {r.tokens_per_verify:.2f} tok/verify"
                if r.acceptance else "-")
         lines.append(f"{r.engine:<16} {r.depth:>7} {pp:>22} {tg:>22} {r.peak_gb:>8.3f}  {mtp}")
+    if floor_tps and rows:
+        lines += ["", f"compute floor (the active weights' matmuls alone, one stream): {floor_tps:.2f} tok/s; "
+                      f"ours tg at depth {rows[0].depth} takes {floor_tps / rows[0].tg_tps:.2f}x the floor's time"]
     if ratio_rows:
         lines += ["", f"{'ours / mlx-lm':<16} {'depth':>7} {'pp':>22} {'tg':>22} {'peak':>8}"]
         for q in ratio_rows:

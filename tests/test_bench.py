@@ -33,7 +33,7 @@ def test_bench_demo_plain_and_mtp_json():
     for x in rows[2:]:
         assert len(x["acceptance"]) == 2 and all(0 <= a <= 1 for a in x["acceptance"])
         assert 1.0 <= x["tokens_per_verify"] <= 3.0
-    assert out["ratios"] == []
+    assert out["ratios"] == [] and out["floor_tps"] > 0
 
 
 def test_bench_vs_mlx_lm_on_a_synthetic_4bit_checkpoint(tmp_path):
@@ -47,6 +47,7 @@ def test_bench_vs_mlx_lm_on_a_synthetic_4bit_checkpoint(tmp_path):
     assert lines[0].startswith("machine: ") and "MLX " in lines[0]
     engines = [l.split()[0] for l in lines if re.match(r"^(ours|mlx-lm) +\d", l)]
     assert engines == ["ours", "ours", "mlx-lm", "mlx-lm"]
+    assert any(l.startswith("compute floor") for l in lines)
     ratio_rows = lines[lines.index(next(l for l in lines if l.startswith("ours / mlx-lm"))) + 1:]
     assert len(ratio_rows) == 2
     for row in ratio_rows:

@@ -46,6 +46,7 @@ def bench(
     from rich.console import Console
 
     from ..bench import BenchSettings, bench_mlx_lm, bench_ours, machine_info, ratios, report, table
+    from ..floor import floor_tokens_per_s
     from ..streams import default_two_streams
 
     depths = _depths(depth)
@@ -71,6 +72,8 @@ def bench(
             status.update(msg)
 
         rows = bench_ours(m, settings, progress)
+        progress("compute floor")
+        floor_tps = floor_tokens_per_s(m, gen_tokens)
         if mtp:
             rows += bench_ours(m, BenchSettings(**{**settings.__dict__, "mtp": mtp}), progress)
         theirs = []
@@ -83,6 +86,6 @@ def bench(
     ratio_rows = ratios(rows[: len(depths)], theirs)
     machine = machine_info()
     if as_json:
-        typer.echo(json.dumps(report(machine, desc, settings, rows + theirs, ratio_rows), indent=1))
+        typer.echo(json.dumps(report(machine, desc, settings, rows + theirs, ratio_rows, floor_tps), indent=1))
     else:
-        typer.echo(table(machine, desc, settings, rows + theirs, ratio_rows))
+        typer.echo(table(machine, desc, settings, rows + theirs, ratio_rows, floor_tps))
