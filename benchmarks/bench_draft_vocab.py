@@ -24,8 +24,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import mlx.core as mx  # noqa: E402
-
 from step35_mlx import load  # noqa: E402
 from step35_mlx.draft_vocab import DraftVocab, rank_tokens, save_draft_vocab  # noqa: E402
 from step35_mlx.tune import measure_one  # noqa: E402

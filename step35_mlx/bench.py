@@ -152,7 +152,6 @@ def bench_ours(model: Any, settings: BenchSettings, progress: Callable[[str], No
     from .generate import ar_tokens, prefill
     from .sampling import SamplingParams
     from .speculative import SpecStats, speculative_tokens
-
     from .streams import use_two_streams
 
     greedy = SamplingParams(temperature=0.0)
@@ -160,7 +159,6 @@ def bench_ours(model: Any, settings: BenchSettings, progress: Callable[[str], No
     use_two_streams(model, settings.streams == 2)
 
     def run(ctx: list[int], prompt: list[int]) -> Iterator[int]:
-        nonlocal spec
         cache = model.make_cache()
         if ctx:
             prefill(model, cache, mx.array(ctx, dtype=mx.int32), settings.prefill_step)
@@ -202,12 +200,7 @@ def bench_mlx_lm(path: Path, settings: BenchSettings, progress: Callable[[str], 
                              sampler=lambda x: mx.argmax(x, axis=-1), prompt_cache=cache,
                              prefill_step_size=settings.prefill_step)
 
-    try:
-        return _measure("mlx-lm", settings, vocab, run, None, progress)
-    finally:
-        del model
-        gc.collect()
-        mx.clear_cache()
+    return _measure("mlx-lm", settings, vocab, run, None, progress)
 
 
 def ratios(ours: Sequence[BenchRow], theirs: Sequence[BenchRow]) -> list[dict]:
