@@ -32,7 +32,7 @@ def bench(
     prefill_step: int = typer.Option(512, "--prefill-step", min=1, help="Prompt tokens per prefill chunk."),
     vs_mlx_lm: bool = typer.Option(False, "--vs-mlx-lm", help="Also run mlx-lm's own model on the same weights and print ratios."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON instead of a table."),
-    streams: Optional[int] = typer.Option(None, "--streams", min=1, max=2, help="CPU streams for our decode (default: 2 on the CPU device with 2+ cores, else 1)."),
+    streams: Optional[int] = typer.Option(None, "--streams", min=1, max=2, help="CPU streams for our decode (default: 2 on the CPU device when more than one core is free, else 1)."),
 ) -> None:
     """Measure prompt processing and generation speed (tokens/s) and peak memory at several context depths.
 
@@ -43,6 +43,7 @@ def bench(
     Examples: step35-mlx bench --model ~/models/step35-q4 -p 512 -n 128 --depth 0,4096,32768
               step35-mlx bench --model demo --mtp 2 --json
     """
+    import mlx.core as mx
     from rich.console import Console
 
     from ..bench import BenchSettings, bench_mlx_lm, bench_ours, machine_info, ratios, report, table
@@ -61,8 +62,8 @@ def bench(
              f"the context limit of {loaded.context_limit} tokens")
     if streams is None:
         streams = 2 if default_two_streams() else 1
-    elif streams == 2 and not default_two_streams():
-        fail("--streams 2 needs the CPU device and at least 2 usable cores")
+    elif streams == 2 and mx.default_device() != mx.cpu:
+        fail("--streams 2 is for the CPU device (one GPU stream already fills the GPU)")
     settings = BenchSettings(prompt_tokens, gen_tokens, depths, 0, repetitions, prefill_step, streams=streams)
     cfg = m.config
     desc = (f"{loaded.path} ({cfg.model_type}, hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, "

@@ -63,7 +63,7 @@ def load_for_cli(model: Optional[str], announce: Callable[[str], None], *, max_c
                  f"(`step35-mlx plan --model {path}` shows the options).")
     try:
         m, tok = load(path, config=config, mtp=keep_mtp)
-        use_two_streams(m, default_two_streams())  # CPU device with 2+ cores: MoE decode on both
+        use_two_streams(m, default_two_streams())  # CPU device with a free second core: MoE decode on both
         generation_config = read_generation_config(path, warn=announce)
     except (ValueError, OSError) as e:
         fail(f"cannot load {path}: {e}")
