@@ -1,8 +1,8 @@
 """`step35-mlx bench` run for real as a subprocess: the demo (plain + MTP) and mlx-lm on a synthetic 4-bit checkpoint."""
 
 import json
-import re
 import os
+import re
 import shutil
 import subprocess
 import sys
