@@ -5,9 +5,9 @@ context tokens (prefilled untimed), then a P-token prompt is timed to its first 
 (``pp``, tokens/s) and the next N tokens are timed (``tg``, tokens/s; greedy, eos not
 honoured), with each project's own generator: ours ``generate.ar_tokens`` (or MTP
 ``speculative_tokens``), mlx-lm ``generate_step``. Token ids are random (seeded), the same
-for both. Peak memory is MLX's peak over the measurement (weights included). Medians and
-[min-max] over the repetitions. With ``vs_mlx_lm`` mlx-lm's own model is loaded on the same
-folder after ours is released, so the peak of either never includes the other.
+for both. Repetitions of all engines are interleaved. Peak memory is each engine's own
+weights plus MLX's peak over its run minus the memory in use before it. Medians and
+[min-max] over the repetitions.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
 GREEDY_NOTE = "greedy, eos ignored"
 
@@ -104,7 +105,7 @@ def token_ids(vocab: int, n: int, seed: int) -> list[int]:
     return mx.random.randint(lo, vocab, (n,), key=mx.random.key(seed)).tolist()
 
 
-def _time(gen: Iterator[Any], prompt_tokens: int, gen_tokens: int) -> Sample:
+def _time(gen: Iterator[Any], prompt_tokens: int, gen_tokens: int) -> tuple[float, float]:
     t0 = time.perf_counter()
     next(gen)
     t1 = time.perf_counter()
@@ -112,7 +113,18 @@ def _time(gen: Iterator[Any], prompt_tokens: int, gen_tokens: int) -> Sample:
         next(gen)
     t2 = time.perf_counter()
     gen.close()
-    return Sample(prompt_tokens / (t1 - t0), gen_tokens / (t2 - t1), mx.get_peak_memory() / 1e9)
+    return prompt_tokens / (t1 - t0), gen_tokens / (t2 - t1)
+
+
+@dataclass
+class Engine:
+    """One thing to measure: ``run(context ids, prompt ids)`` returns its token generator (cache prefilled with the context)."""
+
+    name: str
+    vocab: int
+    weight_bytes: int
+    run: Callable[[list[int], list[int]], Iterator[Any]]
+    stats: Callable[[], dict] | None = None  # per-depth extra columns; called once per depth
 
 
 def _row(engine: str, depth: int, samples: list[Sample], **extra: Any) -> BenchRow:
@@ -122,41 +134,52 @@ def _row(engine: str, depth: int, samples: list[Sample], **extra: Any) -> BenchR
                     (min(tg), max(tg)), max(s.peak_gb for s in samples), **extra)
 
 
-def _measure(engine: str, settings: BenchSettings, vocab: int,
-             run: Callable[[list[int], list[int]], Iterator[Any]], stats: Callable[[], dict] | None = None,
-             progress: Callable[[str], None] | None = None) -> list[BenchRow]:
+def measure(engines: Sequence[Engine], settings: BenchSettings,
+            progress: Callable[[str], None] | None = None) -> list[BenchRow]:
+    """Every engine at every depth, repetitions interleaved (the order alternates) so load hits all alike.
+
+    Peak memory of an engine = its own weights + (MLX peak over its run - active memory before it),
+    so other engines loaded in the same process do not count.
+    """
+    for e in engines:  # compile and first-call costs, untimed
+        _time(e.run([], token_ids(e.vocab, min(8, settings.prompt_tokens), settings.seed)), 1, 2)
+        if e.stats:
+            e.stats()
     rows = []
-    warm = run([], token_ids(vocab, min(8, settings.prompt_tokens), settings.seed))  # compile / first-call costs
-    _time(warm, 1, 2)
-    if stats:
-        stats()
     for depth in settings.depths:
-        samples = []
+        samples: dict[str, list[Sample]] = {e.name: [] for e in engines}
         for r in range(settings.repetitions):
-            ctx = token_ids(vocab, depth, settings.seed + 1000 * r + 1)
-            prompt = token_ids(vocab, settings.prompt_tokens, settings.seed + 1000 * r + 2)
-            if progress:
-                progress(f"{engine}: depth {depth}, repetition {r + 1}/{settings.repetitions}")
-            gc.collect()
-            mx.clear_cache()
-            gen = run(ctx, prompt)
-            mx.reset_peak_memory()
-            samples.append(_time(gen, settings.prompt_tokens, settings.gen_tokens))
-        rows.append(_row(engine, depth, samples, **(stats() if stats else {})))
-    return rows
+            for e in (engines if r % 2 == 0 else engines[::-1]):
+                ctx = token_ids(e.vocab, depth, settings.seed + 1000 * r + 1)
+                prompt = token_ids(e.vocab, settings.prompt_tokens, settings.seed + 1000 * r + 2)
+                if progress:
+                    progress(f"{e.name}: depth {depth}, repetition {r + 1}/{settings.repetitions}")
+                gc.collect()
+                mx.clear_cache()
+                base = mx.get_active_memory()
+                gen = e.run(ctx, prompt)
+                mx.reset_peak_memory()
+                pp, tg = _time(gen, settings.prompt_tokens, settings.gen_tokens)
+                peak = e.weight_bytes + mx.get_peak_memory() - base
+                samples[e.name].append(Sample(pp, tg, peak / 1e9))
+        rows += [_row(e.name, depth, samples[e.name], **(e.stats() if e.stats else {})) for e in engines]
+    order = {e.name: i for i, e in enumerate(engines)}
+    return sorted(rows, key=lambda row: order[row.engine])
 
 
-def bench_ours(model: Any, settings: BenchSettings, progress: Callable[[str], None] | None = None) -> list[BenchRow]:
-    """Our generators on ``model``: plain ``ar_tokens`` or MTP with ``settings.mtp`` drafts."""
+def _weight_bytes(model: Any) -> int:
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+
+
+def ours_engine(model: Any, settings: BenchSettings) -> Engine:
+    """Our generators on ``model``: plain ``ar_tokens``, or MTP with ``settings.mtp`` drafts."""
     from .draft_vocab import default_draft_ids
     from .generate import ar_tokens, prefill
     from .sampling import SamplingParams
     from .speculative import SpecStats, speculative_tokens
-    from .streams import use_two_streams
 
     greedy = SamplingParams(temperature=0.0)
     spec = SpecStats(settings.mtp) if settings.mtp else None
-    use_two_streams(model, settings.streams == 2)
 
     def run(ctx: list[int], prompt: list[int]) -> Iterator[int]:
         cache = model.make_cache()
@@ -178,17 +201,24 @@ def bench_ours(model: Any, settings: BenchSettings, progress: Callable[[str], No
         spec = SpecStats(settings.mtp)
         return out
 
-    return _measure("ours" + (f" mtp d={settings.mtp}" if settings.mtp else ""), settings,
-                    model.config.vocab_size, run, stats, progress)
+    name = "ours" + (f" mtp d={settings.mtp}" if settings.mtp else "")
+    return Engine(name, model.config.vocab_size, _weight_bytes(model), run, stats if settings.mtp else None)
 
 
-def bench_mlx_lm(path: Path, settings: BenchSettings, progress: Callable[[str], None] | None = None) -> list[BenchRow]:
-    """mlx-lm's own model and ``generate_step`` on the same folder (plain decoding)."""
+def mlx_lm_engine(path: Path, settings: BenchSettings) -> Engine:
+    """mlx-lm's own model and ``generate_step`` on the same folder (plain decoding).
+
+    On the CPU its floating weights are cast to float32, the activation dtype our loader uses there.
+    """
     from mlx_lm.generate import generate_step
     from mlx_lm.models.cache import make_prompt_cache
     from mlx_lm.utils import load_model
 
     model, config = load_model(Path(path))
+    if mx.default_device() == mx.cpu:
+        # as our loader does on the CPU: float32 activations (bf16 runs several times slower on MLX's CPU build)
+        model.set_dtype(mx.float32)
+    mx.eval(model.parameters())
     vocab = int(config.get("vocab_size") or model.args.vocab_size)
 
     def run(ctx: list[int], prompt: list[int]) -> Iterator[Any]:
@@ -200,7 +230,7 @@ def bench_mlx_lm(path: Path, settings: BenchSettings, progress: Callable[[str], 
                              sampler=lambda x: mx.argmax(x, axis=-1), prompt_cache=cache,
                              prefill_step_size=settings.prefill_step)
 
-    return _measure("mlx-lm", settings, vocab, run, None, progress)
+    return Engine("mlx-lm", vocab, _weight_bytes(model), run)
 
 
 def ratios(ours: Sequence[BenchRow], theirs: Sequence[BenchRow]) -> list[dict]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Optional
 
 import typer
@@ -38,17 +39,19 @@ def bench(
 
     One table to paste into an issue: the machine (chip, memory, MLX version and device), pp and tg
     tokens/s per depth (medians and ranges), peak memory, MTP acceptance when --mtp is on, and with
-    --vs-mlx-lm the same measurement of mlx-lm's model on the same folder and the ratios.
+    --vs-mlx-lm the same measurement of mlx-lm's model on the same folder (loaded beside ours,
+    repetitions interleaved; on the CPU both run float32) and the ratios.
 
     Examples: step35-mlx bench --model ~/models/step35-q4 -p 512 -n 128 --depth 0,4096,32768
               step35-mlx bench --model demo --mtp 2 --json
     """
     import mlx.core as mx
+    from mlx.utils import tree_flatten
     from rich.console import Console
 
-    from ..bench import BenchSettings, bench_mlx_lm, bench_ours, machine_info, ratios, report, table
+    from ..bench import BenchSettings, machine_info, measure, mlx_lm_engine, ours_engine, ratios, report, table
     from ..floor import floor_tokens_per_s
-    from ..streams import default_two_streams
+    from ..streams import default_two_streams, use_two_streams
 
     depths = _depths(depth)
     console = Console(stderr=True)
@@ -68,25 +71,33 @@ def bench(
     cfg = m.config
     desc = (f"{loaded.path} ({cfg.model_type}, hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, "
             f"vocab {cfg.vocab_size}, {(cfg.raw.get('quantization') or {}).get('bits', 'float')} bits)")
+    if vs_mlx_lm:
+        weights = sum(v.nbytes for _, v in tree_flatten(m.parameters()))
+        ram = machine_info().memory_gb * 1e9
+        if ram and 2 * weights > 0.8 * ram:
+            fail(f"--vs-mlx-lm loads mlx-lm's copy beside ours: 2 x {weights / 1e9:.1f} GB of weights do not fit "
+                 f"in {ram / 1e9:.0f} GB; run `bench` and mlx-lm's own benchmark separately")
+    use_two_streams(m, streams == 2)
+    engines = [ours_engine(m, settings)]
+    if mtp:
+        engines.append(ours_engine(m, replace(settings, mtp=mtp)))
     with console.status("measuring") as status:
         def progress(msg: str) -> None:
             status.update(msg)
 
-        rows = bench_ours(m, settings, progress)
         progress("compute floor")
         floor_tps = floor_tokens_per_s(m, gen_tokens)
-        if mtp:
-            rows += bench_ours(m, BenchSettings(**{**settings.__dict__, "mtp": mtp}), progress)
-        theirs = []
         if vs_mlx_lm:
-            del m, loaded.model
+            progress("loading mlx-lm's model")
             try:
-                theirs = bench_mlx_lm(loaded.path, settings, progress)
+                engines.append(mlx_lm_engine(loaded.path, settings))
             except (ValueError, KeyError, OSError, ImportError) as e:
                 fail(f"mlx-lm cannot run {loaded.path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
-    ratio_rows = ratios(rows[: len(depths)], theirs)
+        rows = measure(engines, settings, progress)
+    theirs = [r for r in rows if r.engine == "mlx-lm"]
+    ratio_rows = ratios([r for r in rows if r.engine == "ours"], theirs)
     machine = machine_info()
     if as_json:
-        typer.echo(json.dumps(report(machine, desc, settings, rows + theirs, ratio_rows, floor_tps), indent=1))
+        typer.echo(json.dumps(report(machine, desc, settings, rows, ratio_rows, floor_tps), indent=1))
     else:
-        typer.echo(table(machine, desc, settings, rows + theirs, ratio_rows, floor_tps))
+        typer.echo(table(machine, desc, settings, rows, ratio_rows, floor_tps))
