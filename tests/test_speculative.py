@@ -235,3 +235,22 @@ def test_sampled_reduced_vocab_mtp_distribution_equals_target(tmp_path_factory):
     chi2 = ((counts[big] - expected[big]) ** 2 / expected[big]).sum()
     chi2 += (counts[~big].sum() - expected[~big].sum()) ** 2 / max(expected[~big].sum(), 1e-9)
     assert chi2 < _chi2_upper(int(big.sum())), chi2
+
+
+def test_draft_vocab_file_round_trip_and_default(tmp_path, small_vocab):
+    from step35_mlx.draft_vocab import default_draft_ids, load_draft_vocab, rank_tokens, save_draft_vocab
+
+    ranked = rank_tokens([[3, 3, 1, 3, 1], [2]], 4, always=[0])
+    assert ranked == [0, 3, 1, 2]  # forced id first, then by count, ties by id
+    with pytest.raises(ValueError):
+        save_draft_vocab(tmp_path, ranked, "test", 5)
+    save_draft_vocab(tmp_path, ranked, "test", 2)
+    vocab = load_draft_vocab(tmp_path)
+    assert vocab.ids == (0, 3, 1, 2) and vocab.size == 2 and vocab.source == "test"
+    assert vocab.top(3).tolist() == [0, 1, 3]
+    small_vocab.source_path = tmp_path
+    try:
+        assert default_draft_ids(small_vocab).tolist() == [0, 3]
+    finally:
+        del small_vocab.source_path
+    assert default_draft_ids(small_vocab) is None and load_draft_vocab(tmp_path / "none") is None
