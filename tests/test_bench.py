@@ -46,7 +46,7 @@ def test_bench_vs_mlx_lm_on_a_synthetic_4bit_checkpoint(tmp_path):
     write_checkpoint(ckpt, bench_config(BenchShape(hidden=128, layers=4, experts=8, top_k=2, vocab=2048, window=16)), 0)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy(DEMO_DIR / name, ckpt / name)
-    r = _bench("--model", str(ckpt), "-p", "20", "-n", "4", "--depth", "0,24", "-r", "1", "--vs-mlx-lm")
+    r = _bench("--model", str(ckpt), "-p", "20", "-n", "4", "--depth", "0,24", "-r", "1", "--vs-mlx-lm", "--streams", "1")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert lines[0].startswith("machine: ") and "MLX " in lines[0]

@@ -218,7 +218,7 @@ def test_sampled_reduced_vocab_mtp_distribution_equals_target(tmp_path_factory):
     P = np.array(probs(model(ctx)[:, -2:], params))
     rows = np.arange(len(seqs))
     exact = P[rows, 0, seqs[:, 0]] * P[rows, 1, seqs[:, 1]]
-    N = 600
+    N = 400
     counts = np.zeros(len(seqs))
     stats = SpecStats(1)
     for seed in range(N):
