@@ -52,13 +52,13 @@ class SamplingParams:
         return self.top_k > 0 or self.top_p < 1.0 or self.min_p > 0
 
 
-def _top_p_threshold(ascending: mx.array, top: mx.array, z: mx.array, top_p: float) -> mx.array:
-    """Smallest kept value of ``ascending`` (sorted scaled logits, the largest ``top``) under top-p.
+def _top_p_threshold(ascending: mx.array, w: mx.array, z: mx.array, top_p: float) -> mx.array:
+    """Smallest kept value of ``ascending`` (sorted scaled logits) under top-p.
 
-    ``z``: total weight of the distribution, as ``exp(x - top)`` summed. A value is kept while
-    the weight strictly above it in descending order is below ``top_p * z``.
+    ``w``: the weights ``exp(ascending - top)``; ``z``: the distribution's total weight on the
+    same scale. A value is kept while the weight strictly above it in descending order is
+    below ``top_p * z``.
     """
-    w = mx.exp(ascending - top)
     above = mx.cumsum(w, axis=-1, reverse=True, inclusive=False)
     dropped = (above >= top_p * z).sum(axis=-1, keepdims=True)
     return mx.take_along_axis(ascending, dropped, axis=-1)
@@ -80,11 +80,13 @@ def keep_threshold(x: mx.array, params: SamplingParams) -> mx.array:
             # are left; sorting the k candidates is enough to place the threshold.
             ties_out = (x >= kth).sum(axis=-1, keepdims=True) - k
             asc = mx.sort(cand, axis=-1)
-            z = mx.exp(asc - top).sum(axis=-1, keepdims=True) + ties_out * mx.exp(kth - top)
+            w = mx.exp(asc - top)
+            z = w.sum(axis=-1, keepdims=True) + ties_out * mx.exp(kth - top)
         else:
             asc = mx.sort(x, axis=-1)
-            z = mx.exp(asc - top).sum(axis=-1, keepdims=True)
-        thr = mx.maximum(thr, _top_p_threshold(asc, top, z, params.top_p))
+            w = mx.exp(asc - top)
+            z = w.sum(axis=-1, keepdims=True)
+        thr = mx.maximum(thr, _top_p_threshold(asc, w, z, params.top_p))
     if params.min_p > 0:
         # min-p compares with the largest probability; renormalising does not change that ratio.
         thr = mx.maximum(thr, top + math.log(params.min_p))
