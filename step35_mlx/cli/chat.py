@@ -217,6 +217,9 @@ def _converse(console, session, show_reasoning: bool) -> None:
                         break
             except KeyboardInterrupt:
                 interrupted = True
+            except RuntimeError as e:  # MLX could not run an operation (e.g. a kernel its backend lacks)
+                printer.end()
+                console.print(f"error: the MLX backend could not run this: {e}", style="red", markup=False)
             finally:
                 stream.close()
                 printer.end()

@@ -92,6 +92,8 @@ def generate(
                 _echo_chunk(chunk, show_reasoning)
     except ValueError as e:
         fail(str(e))
+    except RuntimeError as e:  # MLX reports an operation its backend cannot run (e.g. a missing kernel)
+        fail(f"the MLX backend could not run this: {e}")
     answer = "".join(text)
     if json_out:
         typer.echo(json.dumps({
