@@ -8,7 +8,7 @@ prompts below (plus plain decoding), checking every output equals plain decoding
 Bytes per generated token come from ``costs.decode_cost`` (recorded routing, the drafting
 calls with an N-row head). Then the release's bytes/token is projected from the same cost
 model: its plain step, each MTP module with a 128,896-row or N-row head (scaled as N / V),
-and the measured acceptance. ``--write`` stores the ranking and the chosen N in the demo folder.
+and the measured acceptance. ``--write N`` stores the ranking and N in the demo folder (update its manifest.json after).
 
     python benchmarks/bench_draft_vocab.py                 # ~3 min on 2 busy cores
 """

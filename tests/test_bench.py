@@ -1,11 +1,9 @@
 """`step35-mlx bench` run for real as a subprocess: the demo (plain + MTP) and mlx-lm on a synthetic 4-bit checkpoint."""
 
 import json
-import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -13,18 +11,16 @@ import mlx.core as mx
 from step35_mlx.bench_checkpoint import BenchShape, bench_config, write_checkpoint
 from step35_mlx.hub import DEMO_DIR
 
-ROOT = Path(__file__).resolve().parents[1]
+from clirun import run_cli
 
 
-def _bench(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "step35_mlx", "bench", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+def _bench(home: Path, *args: str) -> subprocess.CompletedProcess:
+    return run_cli(["bench", *args], home, timeout=300)
 
 
-def test_bench_demo_plain_and_mtp_json():
+def test_bench_demo_plain_and_mtp_json(tmp_path):
     streams = 2 if mx.default_device() == mx.cpu else 1  # the MoE decode split over two CPU streams
-    r = _bench("--model", "demo", "-p", "16", "-n", "6", "--depth", "0,24", "-r", "1", "--mtp", "2", "--json",
+    r = _bench(tmp_path, "--model", "demo", "-p", "16", "-n", "6", "--depth", "0,24", "-r", "1", "--mtp", "2", "--json",
                "--streams", str(streams))
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
@@ -46,7 +42,7 @@ def test_bench_vs_mlx_lm_on_a_synthetic_4bit_checkpoint(tmp_path):
     write_checkpoint(ckpt, bench_config(BenchShape(hidden=128, layers=4, experts=8, top_k=2, vocab=2048, window=16)), 0)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy(DEMO_DIR / name, ckpt / name)
-    r = _bench("--model", str(ckpt), "-p", "20", "-n", "4", "--depth", "0,24", "-r", "1", "--vs-mlx-lm", "--streams", "1")
+    r = _bench(tmp_path / "home", "--model", str(ckpt), "-p", "20", "-n", "4", "--depth", "0,24", "-r", "1", "--vs-mlx-lm", "--streams", "1")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert lines[0].startswith("machine: ") and "MLX " in lines[0]
@@ -60,8 +56,8 @@ def test_bench_vs_mlx_lm_on_a_synthetic_4bit_checkpoint(tmp_path):
         assert depth in ("0", "24") and float(pp[:-1]) > 0 and float(tg[:-1]) > 0 and float(peak[:-1]) > 0
 
 
-def test_bench_bad_depth_is_one_red_line():
-    r = _bench("--model", "demo", "--depth", "0,abc", "-r", "1")
+def test_bench_bad_depth_is_one_red_line(tmp_path):
+    r = _bench(tmp_path, "--model", "demo", "--depth", "0,abc", "-r", "1")
     assert r.returncode == 2
     assert r.stderr.strip().startswith("error:") and "--depth" in r.stderr
     assert "Traceback" not in r.stderr and r.stdout == ""
