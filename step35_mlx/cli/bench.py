@@ -37,13 +37,11 @@ def bench(
 ) -> None:
     """Measure prompt processing and generation speed (tokens/s) and peak memory at several context depths.
 
-    One table to paste into an issue: the machine (chip, memory, MLX version and device), pp and tg
-    tokens/s per depth (medians and ranges), peak memory, MTP acceptance when --mtp is on, and with
-    --vs-mlx-lm the same measurement of mlx-lm's model on the same folder (loaded beside ours,
-    repetitions interleaved; on the CPU both run float32) and the ratios.
+    One table to paste into an issue: the machine (chip, memory, MLX version and device), pp and tg tokens/s per depth (medians and ranges), peak memory, MTP acceptance when --mtp is on, the compute floor, and with --vs-mlx-lm the same measurement of mlx-lm's model on the same folder (loaded beside ours, repetitions interleaved; on the CPU both run float32) and the ratios.
 
-    Examples: step35-mlx bench --model ~/models/step35-q4 -p 512 -n 128 --depth 0,4096,32768
-              step35-mlx bench --model demo --mtp 2 --json
+    Example: step35-mlx bench --model ~/models/step35-q4 -p 512 -n 128 --depth 0,4096,32768
+
+    Example: step35-mlx bench --model demo --mtp 2 --json
     """
     import mlx.core as mx
     from mlx.utils import tree_flatten
