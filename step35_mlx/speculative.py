@@ -20,6 +20,7 @@ from typing import Callable, Iterator, Sequence
 
 import mlx.core as mx
 
+from .distributed.sync import root_ints
 from .model import DEFAULT_SLACK, Model
 from .sampling import SamplingParams, probs, residual, sample
 
@@ -146,6 +147,7 @@ class MTPDrafter:
                         logits = proc(ctx, logits[None])[0]
                     q = probs(logits, params)
                     tok = int(mx.argmax(q).item()) if params.greedy else int(sample(q, key=keys[k]).item())
+                    tok = root_ints(self.model, [tok])[0]
                     drafts.append(tok)
                     qs.append(q)
             new_done = max(lo, min(hi + 1, N - k - 1))
@@ -233,7 +235,7 @@ def speculative_tokens(
         on_prefilled()
     key, sub = mx.random.split(key)
     first = _target_probs(model.logits(hidden[:, -1:])[0], tokens, [], params, processors)[0]
-    tokens.append(int(mx.argmax(first).item()) if params.greedy else int(sample(first, key=sub).item()))
+    tokens.append(root_ints(model, [int(mx.argmax(first).item()) if params.greedy else int(sample(first, key=sub).item())])[0])
     extra, last_in_cache = 0, False  # cache rows past the last yielded token; is that token's row cached?
     try:
         yield tokens[-1]
@@ -242,7 +244,7 @@ def speculative_tokens(
             drafts, qs = drafter.propose(tokens, params, k_draft, processors)
             hidden = model.forward_hidden(mx.array([[tokens[-1]] + drafts]), cache)
             p = _target_probs(model.logits(hidden)[0], tokens, drafts, params, processors)
-            n, nxt = accept_drafts(p, mx.stack(qs), drafts, k_verify)
+            n, nxt = root_ints(model, list(accept_drafts(p, mx.stack(qs), drafts, k_verify)))
             for c in cache:
                 c.trim(len(drafts) - n)
             drafter.add_hidden(hidden[:, : n + 1])

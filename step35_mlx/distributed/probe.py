@@ -1,0 +1,69 @@
+"""What one rank computes for the distributed checks (tests and ``benchmarks/bench_distributed.py``).
+
+``python -m step35_mlx.distributed.probe SPEC.json`` under ``MLX_HOSTFILE``/``MLX_RANK`` loads each
+case of the spec with ``load_distributed`` and writes ``{out}/{name}.r{rank}.npz``: parameter bytes,
+uncached logits, chunked-prefill + cached-decode logits, teacher-forced MTP logits, and generated
+tokens (greedy, greedy MTP, seeded sampling plain and MTP). The same function runs single-process
+for the reference.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from ..generate import ar_tokens
+from ..sampling import SamplingParams
+from ..speculative import speculative_tokens
+from .loading import load_distributed, param_bytes
+
+
+def _take(gen, n: int) -> list[int]:
+    out = list(itertools.islice(gen, n))
+    gen.close()
+    return out
+
+
+def probe(model, prompt: list[int], n_tokens: int = 10, chunk: int = 5, seed: int = 3) -> dict[str, np.ndarray]:
+    """Every quantity the distributed checks compare, computed on ``model``."""
+    toks = mx.array([prompt], dtype=mx.int32)
+    res: dict[str, np.ndarray] = {"bytes": np.array(param_bytes(model))}
+    res["logits"] = np.array(model(toks))
+    cache = model.make_cache()
+    res["cached"] = np.array(mx.concatenate([model(toks[:, i:i + chunk], cache) for i in range(0, toks.shape[1], chunk)], 1))
+    if model.num_mtp:
+        for k, lg in enumerate(model.mtp_logits(toks, model.forward_hidden(toks))):
+            res[f"mtp{k}"] = np.array(lg)
+    greedy, sampled = SamplingParams(temperature=0), SamplingParams(temperature=1.0)
+    t0 = time.perf_counter()
+    res["greedy"] = np.array(_take(ar_tokens(model, model.make_cache(), toks[0], greedy), n_tokens))
+    res["greedy_s"] = np.array(time.perf_counter() - t0)
+    res["sampled"] = np.array(_take(ar_tokens(model, model.make_cache(), toks[0], sampled, key=mx.random.key(seed)), n_tokens))
+    if model.num_mtp >= 2:
+        res["greedy_mtp"] = np.array(_take(speculative_tokens(model, model.make_cache(), toks[0], greedy, depth=2), n_tokens))
+        res["sampled_mtp"] = np.array(_take(speculative_tokens(model, model.make_cache(), toks[0], sampled, depth=2,
+                                                               key=mx.random.key(seed)), n_tokens))
+    return res
+
+
+def main(spec_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    group = mx.distributed.init(strict=True, backend="ring")
+    out = Path(spec["out"])
+    for case in spec["cases"]:
+        try:
+            model = load_distributed(case["path"], case["mode"], group, split=case.get("split"))
+        except ValueError as e:
+            (out / f"{case['name']}.r{group.rank()}.err").write_text(str(e))
+            continue
+        np.savez(out / f"{case['name']}.r{group.rank()}.npz", **probe(model, spec["prompt"]))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
