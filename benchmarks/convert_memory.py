@@ -30,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from step35_mlx.convert.safetensors_io import ShardWriter, encode_header  # noqa: E402
+from step35_mlx.safetensors_io import ShardWriter, encode_header  # noqa: E402
 from step35_mlx.quant.recipes import expected_tensors  # noqa: E402
 from step35_mlx.synthetic import tiny_config  # noqa: E402
 
@@ -56,7 +56,7 @@ def real_dims_config() -> dict:
 
 def write_sparse_checkpoint(path: Path) -> tuple[int, int]:
     """Real-dimension bf16 checkpoint with zero (sparse) data: headers only on disk."""
-    from step35_mlx.convert.safetensors_io import nbytes
+    from step35_mlx.safetensors_io import nbytes
 
     cfg = real_dims_config()
     shapes = expected_tensors(cfg)

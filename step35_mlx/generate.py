@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol, Sequence
@@ -35,7 +36,9 @@ import mlx.core as mx
 from .distributed.sync import root_tokens
 from .reasoning import THINK_CLOSE, THINK_OPEN, ReasoningSplitter
 from .sampling import SamplingParams, probs, sample
+from .text import check_text
 from .tool_calls import ToolCall, ToolCallParser
+from .tuned import load_choice
 
 # Fallbacks when neither the call nor the checkpoint's generation_config.json sets a value.
 # StepFun's own examples sample at temperature 1.0; the rest are common defaults.
@@ -102,11 +105,12 @@ class GenerationChunk:
 # ---------------------------------------------------------------- settings
 
 
-def read_generation_config(path: str | Path) -> dict[str, Any]:
+def read_generation_config(path: str | Path, warn: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Sampling defaults from ``generation_config.json`` in a checkpoint folder (``{}`` if there is none).
 
     Maps HF names to ours (``max_new_tokens`` -> ``max_tokens``); ``do_sample: false``
-    means greedy (temperature 0); ``repetition_penalty`` 1.0 means none.
+    means greedy (temperature 0); ``repetition_penalty`` 1.0 means none. A file that cannot
+    be read as a JSON object is ignored with a warning naming it (``warn``, else ``warnings.warn``).
     """
     f = Path(path)
     if f.is_dir():
@@ -114,10 +118,15 @@ def read_generation_config(path: str | Path) -> dict[str, Any]:
     if not f.is_file():
         return {}
     try:
-        data = json.loads(f.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-    if not isinstance(data, dict):
+        data = json.loads(f.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError("it is not a JSON object")
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        message = f"warning: ignoring {f} ({e}); using the built-in sampling defaults"
+        if warn is None:
+            warnings.warn(message, stacklevel=2)
+        else:
+            warn(message)
         return {}
     out: dict[str, Any] = {}
     for ours, theirs, kind in (("temperature", "temperature", float), ("top_p", "top_p", float),
@@ -216,6 +225,8 @@ def resolve_settings(
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
     if prefill_step < 1:
         raise ValueError(f"prefill_step must be >= 1, got {prefill_step}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64):
+        raise ValueError(f"seed must be an integer from 0 to 2**64 - 1, got {seed!r}")
     params = SamplingParams(
         temperature=float(pick("temperature", temperature)),
         top_p=float(pick("top_p", top_p)),
@@ -263,13 +274,15 @@ def resolve_mtp(model: Any, mtp: bool | None, draft_depth: int | None) -> tuple[
         path = getattr(model, "source_path", None)
         if path is None or not available:
             return False, None
-        from .tune import load_choice
-
         tuned = load_choice(path)
         return (bool(tuned), tuned or None) if tuned is not None else (False, None)
+    if draft_depth is not None and (isinstance(draft_depth, bool) or not isinstance(draft_depth, int)
+                                    or draft_depth < 1):
+        raise ValueError(f"draft_depth must be 1, 2 or 3 (MTP draft tokens per step), got {draft_depth!r}; "
+                         "use --no-mtp for plain decoding")
     if mtp is False:
         return False, None
-    depth = draft_depth or DEFAULT_DRAFT_DEPTH
+    depth = DEFAULT_DRAFT_DEPTH if draft_depth is None else draft_depth
     if not available:
         raise ValueError("this checkpoint has no MTP modules (num_nextn_predict_layers is 0); run without --mtp")
     if not 1 <= depth <= available:
@@ -310,13 +323,13 @@ def _eval_cache(cache: list) -> None:
 
 
 def _trunk(model: Any):
-    return getattr(model, "forward_hidden", model)
+    return getattr(model, "trunk", model)
 
 
 def last_logits(model: Any, tokens: mx.array, cache: list) -> mx.array:
     """Logits ``[1, V]`` of the last position of ``tokens`` ``[1, T]`` (the LM head runs on that position only)."""
-    if hasattr(model, "forward_hidden"):
-        return model.logits(model.forward_hidden(tokens, cache)[:, -1, :])
+    if hasattr(model, "trunk"):
+        return model.logits(model.trunk(tokens, cache)[:, -1, :])
     return model(tokens, cache)[:, -1, :]
 
 
@@ -399,10 +412,18 @@ def token_generator(mtp: bool | None = None, draft_depth: int | None = None) -> 
 
 def encode_prompt(tokenizer: Any, prompt: Any, tools: list | None = None) -> list[int]:
     """Token ids for a prompt: chat messages (rendered with the checkpoint's template and the
-    generation prompt), raw text (``bos`` prepended unless present), or token ids."""
+    generation prompt), raw text (``bos`` prepended unless present), or token ids.
+
+    Text that is not valid Unicode (a lone surrogate, undecodable bytes) is a ``ValueError``.
+    """
     if isinstance(prompt, mx.array):
+        if prompt.ndim > 2 or (prompt.ndim == 2 and prompt.shape[0] != 1):
+            raise ValueError(f"a token-id prompt must be 1-D (or one batch row [1, T]), got shape {tuple(prompt.shape)}")
+        if not mx.issubdtype(prompt.dtype, mx.integer):
+            raise ValueError(f"a token-id prompt must hold integers, got dtype {prompt.dtype}")
         return [int(t) for t in prompt.reshape(-1).tolist()]
     if isinstance(prompt, str):
+        check_text(prompt)
         ids = list(tokenizer.encode(prompt, add_special_tokens=False))
         bos = getattr(tokenizer, "bos_token_id", None)
         if bos is not None and (not ids or ids[0] != bos):
@@ -411,11 +432,32 @@ def encode_prompt(tokenizer: Any, prompt: Any, tools: list | None = None) -> lis
     prompt = list(prompt)
     if not prompt:
         raise ValueError("the prompt is empty")
-    if all(isinstance(t, int) for t in prompt):
+    if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         return prompt
     if all(isinstance(m, dict) for m in prompt):
+        _check_strings(prompt, "a message")
+        _check_strings(tools or [], "a tool definition")
         return list(tokenizer.apply_chat_template(prompt, tools=tools or None, add_generation_prompt=True))
     raise TypeError("prompt must be a string, token ids, or a list of chat message dicts")
+
+
+def _check_strings(value: Any, what: str) -> None:
+    """``check_text`` on every string inside nested lists and dicts."""
+    if isinstance(value, str):
+        check_text(value, what)
+    elif isinstance(value, dict):
+        for v in value.values():
+            _check_strings(v, what)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            _check_strings(v, what)
+
+
+def check_prompt_ids(ids: Sequence[int], vocab_size: int) -> None:
+    """``ValueError`` naming the first id outside ``[0, vocab_size)`` (such ids would read outside the embedding)."""
+    for i, t in enumerate(ids):
+        if not 0 <= t < vocab_size:
+            raise ValueError(f"token id {t} at position {i} is outside the vocabulary [0, {vocab_size})")
 
 
 def opens_reasoning(tokenizer: Any, ids: Sequence[int]) -> bool:
@@ -463,6 +505,7 @@ def run(
     before anything runs.
     """
     prompt_ids = list(prompt_ids)
+    check_prompt_ids(prompt_ids, model.config.vocab_size)
     if not 0 <= cached < len(prompt_ids):
         raise ValueError(f"cached ({cached}) must be < the prompt length ({len(prompt_ids)})")
     budget = settings.budget(len(prompt_ids))

@@ -152,22 +152,24 @@ def _cast(weights: dict[str, mx.array], dtype: mx.Dtype | None) -> dict[str, mx.
     return out
 
 
-def load_model(path: str | Path, dtype: mx.Dtype | None = None, *, mtp: bool = True) -> Model:
+def load_model(path: str | Path, dtype: mx.Dtype | None = None, *, mtp: bool = True,
+               config: ModelConfig | None = None) -> Model:
     """Build the model from ``config.json`` and load every tensor (trunk, head and MTP layers).
 
     ``dtype`` casts floating weights (quantization scales and biases included), which sets
     the activation dtype. ``None`` keeps the checkpoint's (bf16) on a GPU and uses float32 on
     the CPU device, where MLX's bf16 kernels run about 10x slower. Norms, the router and
     ``router_bias`` stay float32. ``mtp=False`` leaves the MTP modules out (their tensors
-    are never read), saving their memory. Raises ``CheckpointError`` naming any missing,
-    unexpected or wrongly shaped tensor.
+    are never read), saving their memory. ``config``: the folder's parsed config.json when the
+    caller already has it. Raises ``CheckpointError`` naming any missing, unexpected or wrongly
+    shaped tensor.
     """
     path = Path(path)
     if dtype is None and mx.default_device() == mx.cpu:
         dtype = mx.float32
     if not path.is_dir():
         raise FileNotFoundError(f"model folder {path} does not exist")
-    config = ModelConfig.from_file(path)
+    config = config or ModelConfig.from_file(path)
     if not mtp and config.num_nextn_predict_layers:
         config = dataclasses.replace(config, num_nextn_predict_layers=0)
     raw = read_weights(path)
@@ -199,7 +201,8 @@ def load_model(path: str | Path, dtype: mx.Dtype | None = None, *, mtp: bool = T
     return model
 
 
-def load(path: str | Path, dtype: mx.Dtype | None = None, *, mtp: bool = True) -> tuple[Model, Any]:
+def load(path: str | Path, dtype: mx.Dtype | None = None, *, mtp: bool = True,
+         config: ModelConfig | None = None) -> tuple[Model, Any]:
     """``(model, tokenizer)`` from a checkpoint folder with tokenizer files, ``"demo"`` or a Hub repo id.
 
     The tokenizer is mlx-lm's ``TokenizerWrapper`` (streaming detokenizer included),
@@ -210,7 +213,7 @@ def load(path: str | Path, dtype: mx.Dtype | None = None, *, mtp: bool = True) -
     from .hub import resolve_model
 
     path = resolve_model(path) if isinstance(path, str) else Path(path)
-    model = load_model(path, dtype, mtp=mtp)
+    model = load_model(path, dtype, mtp=mtp, config=config)
     if not (path / "tokenizer.json").exists() and not (path / "tokenizer.model").exists():
         raise FileNotFoundError(f"{path} has no tokenizer files (tokenizer.json / tokenizer.model)")
     tokenizer = load_tokenizer(path, eos_token_ids=model.config.eos_token_id or None)

@@ -101,6 +101,21 @@ class MTPLayer(DecoderLayer):
         return self(x, mask, cache)
 
 
+def check_token_ids(tokens: mx.array, vocab_size: int) -> None:
+    """``ValueError`` unless ``tokens`` is a 2-D ``[batch, length]`` integer array of ids in ``[0, vocab_size)``."""
+    if not isinstance(tokens, mx.array) or tokens.ndim != 2:
+        shape = tuple(tokens.shape) if hasattr(tokens, "shape") else type(tokens).__name__
+        raise ValueError(f"tokens must be a 2-D [batch, length] array of token ids, got {shape}; "
+                         "pass one sequence as tokens[None]")
+    if not mx.issubdtype(tokens.dtype, mx.integer):
+        raise ValueError(f"tokens must be integer token ids, got dtype {tokens.dtype}")
+    if tokens.size == 0:
+        raise ValueError("tokens is empty")
+    lo, hi = mx.min(tokens).item(), mx.max(tokens).item()
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"token id {lo if lo < 0 else hi} is outside the vocabulary [0, {vocab_size})")
+
+
 class Step35Model(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -157,7 +172,17 @@ class Model(nn.Module):
         return masks[0], masks[1]
 
     def forward_hidden(self, tokens: mx.array, cache: list | None = None) -> mx.array:
-        """Run the trunk on ``tokens`` ``[B, T]``; returns the hidden state before the final norm."""
+        """Run the trunk on ``tokens`` ``[B, T]``; returns the hidden state before the final norm.
+
+        Refuses (``ValueError``) token arrays that are not 2-D integer arrays or hold ids outside
+        ``[0, vocab_size)``, which would read outside the embedding table. The check reads the ids
+        on the host; decoding loops whose ids come from the sampler call :meth:`trunk` instead.
+        """
+        check_token_ids(tokens, self.config.vocab_size)
+        return self.trunk(tokens, cache)
+
+    def trunk(self, tokens: mx.array, cache: list | None = None) -> mx.array:
+        """:meth:`forward_hidden` without the id check, so a lazily sampled token stays lazy."""
         if cache is not None and len(cache) != len(self.layers):
             raise ValueError(f"cache has {len(cache)} entries; the model has {len(self.layers)} layers")
         h = self.model.embed_tokens(tokens)

@@ -241,18 +241,19 @@ def _in_memory(name: str, shape, dtype: str, nbytes: int, dtype_bytes: int | Non
     return nbytes, 0
 
 
-def folder_weight_sizes(path: str | Path, dtype_bytes: int | None = None) -> WeightSizes:
+def folder_weight_sizes(path: str | Path, dtype_bytes: int | None = None, *,
+                        config: ModelConfig | None = None) -> WeightSizes:
     """Weight bytes of a checkpoint folder once loaded, from its safetensors headers.
 
     ``dtype_bytes``: the float width the loader casts to (``load_model(dtype=...)``, see
     :func:`load_dtype_bytes`); ``None`` keeps each tensor's stored dtype. Either way norms and
     the router count as float32, as the loader keeps them.
     """
-    from .convert.safetensors_io import SafetensorsFile
+    from .safetensors_io import SafetensorsFile
     from .loader import hf_to_internal
 
     path = Path(path)
-    cfg = ModelConfig.from_file(path)
+    cfg = config or ModelConfig.from_file(path)
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors files in {path}")
@@ -277,7 +278,7 @@ def folder_weight_sizes(path: str | Path, dtype_bytes: int | None = None) -> Wei
 def folder_activation_bytes(path: str | Path, dtype_bytes: int | None = None) -> int:
     """Bytes per activation element: ``dtype_bytes`` when the loader casts, else the folder's
     float dtype (its embedding scales or weight)."""
-    from .convert.safetensors_io import SafetensorsFile
+    from .safetensors_io import SafetensorsFile
 
     if dtype_bytes is not None:
         return dtype_bytes
@@ -898,7 +899,8 @@ def _kv_group(cfg: ModelConfig, kv_bits: int | None, kv_group_size: int | None) 
 def preflight(path: str | Path, *, context: int | None = None, kv_bits: int | None = None,
               kv_group_size: int | None = None, mtp: bool = True, prefill_step: int = 512,
               machine: MachineMemory | None = None, min_context: int = MIN_CONTEXT,
-              wire: bool = True, dtype_bytes: int | None | str = "auto") -> MemoryPlan:
+              wire: bool = True, dtype_bytes: int | None | str = "auto",
+              config: ModelConfig | None = None) -> MemoryPlan:
     """Check, before loading ``path``, that it fits this machine (or ``machine``); return the plan.
 
     Weights come from the folder's safetensors headers, at the float width the loader will
@@ -907,10 +909,11 @@ def preflight(path: str | Path, *, context: int | None = None, kv_bits: int | No
     use ``plan.context`` as its context limit. Raises :class:`InsufficientMemoryError` (a
     ``ValueError``, with the options) when the requested context -- or, automatically, not
     even ``min_context`` tokens -- fits. On macOS with Metal it then wires the planned bytes
-    (:func:`set_wired_limit`; ``wire=False`` skips that).
+    (:func:`set_wired_limit`; ``wire=False`` skips that). ``config``: the folder's parsed
+    config.json when the caller already has it.
     """
     path = Path(path)
-    cfg = ModelConfig.from_file(path)
+    cfg = config or ModelConfig.from_file(path)
     machine = machine or machine_memory()
     cap = cfg.max_position_embeddings
     # the same messages as generate.resolve_settings / new_cache, which would refuse these later
@@ -921,7 +924,7 @@ def preflight(path: str | Path, *, context: int | None = None, kv_bits: int | No
     if kv_bits not in (None, 4, 8):
         raise ValueError(f"kv_bits must be 4 or 8, got {kv_bits}")
     db = load_dtype_bytes() if dtype_bytes == "auto" else dtype_bytes
-    kw = dict(recipe=folder_weight_sizes(path, db), kv_bits=kv_bits,
+    kw = dict(recipe=folder_weight_sizes(path, db, config=cfg), kv_bits=kv_bits,
               kv_group_size=_kv_group(cfg, kv_bits, kv_group_size), mtp=mtp, prefill_step=prefill_step,
               activation_dtype_bytes=folder_activation_bytes(path, db), fused_attention=fused_attention_available())
     if context is None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 import time
 import uuid
@@ -36,7 +37,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .generate import GenerationChunk, stream_generate
+from .request_limits import DEFAULT_MAX_BODY_BYTES, RequestRejected, parse_json_body, read_body
 from .session import ChatSession
+
+log = logging.getLogger("step35_mlx.server")
 
 ANTHROPIC_PATHS = ("/v1/messages", "/v1/messages/count_tokens")
 
@@ -55,7 +59,7 @@ _ANTHROPIC_KIND = {400: "invalid_request_error", 401: "authentication_error", 40
                    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
                    500: "api_error", 503: "overloaded_error"}
 _OPENAI_KIND = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-                429: "rate_limit_error", 500: "server_error", 503: "server_error"}
+                413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "server_error"}
 
 
 def _is_anthropic(request: Request) -> bool:
@@ -433,11 +437,16 @@ class Engine:
 
 
 def _as_api_error(e: BaseException) -> APIError:
+    """Our ``ValueError`` messages and template errors are the request's fault and say what to fix;
+    anything else is logged here and answered without its internal text."""
     if isinstance(e, APIError):
         return e
-    if isinstance(e, (ValueError, TypeError)) or type(e).__module__.startswith("jinja2"):
+    if isinstance(e, ValueError) or type(e).__module__.startswith("jinja2"):
         return APIError(400, str(e))
-    return APIError(500, f"generation failed: {type(e).__name__}: {e}", kind="server_error")
+    log.error("request failed", exc_info=(type(e), e, e.__traceback__))
+    if isinstance(e, TypeError):
+        return APIError(400, "the request holds a value of a type the server cannot use")
+    return APIError(500, "generation failed with an internal error (logged by the server)", kind="server_error")
 
 
 async def _first(run: Run, request: Request) -> GenerationChunk:
@@ -539,8 +548,12 @@ def _sse(data: Any, event: str | None = None) -> bytes:
 
 
 def create_app(model: Any, tokenizer: Any, *, model_name: str = "step-3.5-flash", api_key: str | None = None,
-               max_queue: int = 8, generation_config: dict | None = None, **defaults: Any) -> FastAPI:
-    """The ASGI app serving ``model``; ``defaults`` are ChatSession sampling defaults (``max_context``, ``mtp``...)."""
+               max_queue: int = 8, generation_config: dict | None = None,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, **defaults: Any) -> FastAPI:
+    """The ASGI app serving ``model``; ``defaults`` are ChatSession sampling defaults (``max_context``, ``mtp``...).
+
+    Request bodies over ``max_body_bytes`` get 413 before they are read whole.
+    """
     engine = Engine(model, tokenizer, max_queue=max_queue, generation_config=generation_config, defaults=defaults)
     app = FastAPI(title="step35-mlx", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
@@ -560,7 +573,8 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str = "step-3.5-flash"
 
     @app.exception_handler(Exception)
     async def _any_error(request: Request, e: Exception):
-        return error_response(request, APIError(500, f"internal error: {type(e).__name__}: {e}", kind="server_error"))
+        log.error("request failed", exc_info=(type(e), e, e.__traceback__))
+        return error_response(request, APIError(500, "internal error (logged by the server)", kind="server_error"))
 
     def check_key(request: Request) -> None:
         if api_key is None:
@@ -576,11 +590,10 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str = "step-3.5-flash"
 
     async def parse(request: Request, schema: type[BaseModel]) -> Any:
         check_key(request)
-        raw = await request.body()
         try:
-            data = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise APIError(400, f"the request body is not valid JSON ({e})") from None
+            data = parse_json_body(await read_body(request, max_body_bytes))
+        except RequestRejected as e:
+            raise APIError(e.status, e.message, kind="request_too_large" if e.status == 413 else "invalid_request_error") from None
         if not isinstance(data, dict):
             raise APIError(400, "the request body must be a JSON object")
         try:

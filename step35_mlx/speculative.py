@@ -227,7 +227,7 @@ def speculative_tokens(
         drafter.__init__(model, depth, start=start, slack=drafter.slack)
     hidden = None
     for s in range(0, len(prompt_ids), prefill_step):
-        hidden = model.forward_hidden(prompt[None, s : s + prefill_step], cache)
+        hidden = model.trunk(prompt[None, s : s + prefill_step], cache)
         drafter.add_hidden(hidden)
         drafter.absorb(tokens)
         mx.eval(hidden)
@@ -242,7 +242,7 @@ def speculative_tokens(
         while True:
             key, k_draft, k_verify = mx.random.split(key, 3)
             drafts, qs = drafter.propose(tokens, params, k_draft, processors)
-            hidden = model.forward_hidden(mx.array([[tokens[-1]] + drafts]), cache)
+            hidden = model.trunk(mx.array([[tokens[-1]] + drafts]), cache)
             p = _target_probs(model.logits(hidden)[0], tokens, drafts, params, processors)
             n, nxt = root_ints(model, list(accept_drafts(p, mx.stack(qs), drafts, k_verify)))
             for c in cache:
@@ -260,7 +260,7 @@ def speculative_tokens(
                 c.trim(extra)
             drafter.drop_rows(extra)
         if not last_in_cache:
-            drafter.add_hidden(model.forward_hidden(mx.array([[tokens[-1]]]), cache))
+            drafter.add_hidden(model.trunk(mx.array([[tokens[-1]]]), cache))
 
 
 class MTPDecoder:

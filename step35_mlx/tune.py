@@ -2,52 +2,33 @@
 
 The best draft depth depends on the chip (bandwidth vs compute) and on how well the
 checkpoint's MTP heads agree with the trunk, so it is measured, not assumed. The
-choice is stored in ``~/.cache/step35-mlx/tune.json`` keyed by model folder, config
-hash and device, and ``generate``/``chat`` use it when ``--mtp`` is not given.
+choice is stored by :mod:`step35_mlx.tuned`, and ``generate``/``chat`` use it when
+``--mtp`` is not given.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Sequence
 
 import mlx.core as mx
 
 from .costs import RoutingRecorder, decode_cost
+from .generate import ar_tokens
 from .model import Model
 from .sampling import SamplingParams
 from .speculative import SpecStats, speculative_tokens
+from .tuned import TuneResult
 
-TUNE_FILE = Path.home() / ".cache" / "step35-mlx" / "tune.json"
 TUNE_PROMPT = (
     "<|im_start|>user\nExplain what the `with` statement does in Python, with an example.<|im_end|>\n"
     "<|im_start|>assistant\n<think>\n"
 )
 
 
-@dataclass
-class TuneResult:
-    depth: int  # 0 = plain decoding
-    tokens_per_s: float
-    bytes_per_token: float
-    tokens_per_verify: float
-    acceptance: list[float]
-
-    @property
-    def mode(self) -> str:
-        return f"mtp d={self.depth}" if self.depth else "plain"
-
-
 def measure_one(model: Model, prompt: Sequence[int], depth: int, n_tokens: int,
                 params: SamplingParams = SamplingParams(temperature=0.0), seed: int = 0) -> tuple[list[int], TuneResult]:
     """Decode ``n_tokens`` after ``prompt``; returns the tokens and timing, acceptance and bytes read."""
-    from .generate import ar_tokens
-
     cache = model.make_cache()
     stats = SpecStats(depth) if depth else None
     key = mx.random.key(seed)
@@ -101,37 +82,6 @@ def measure(model: Model, prompt: Sequence[int], n_tokens: int = 128, depths: Se
 
 def best(results: Sequence[TuneResult]) -> TuneResult:
     return max(results, key=lambda r: r.tokens_per_s)
-
-
-def model_key(path: str | Path) -> str:
-    """Identity of a model on this device: folder, config.json hash, MLX device."""
-    path = Path(path).resolve()
-    digest = hashlib.sha256((path / "config.json").read_bytes()).hexdigest()[:16]
-    return f"{path}|{digest}|{mx.default_device()}"
-
-
-def _read(store: Path) -> dict:
-    try:
-        return json.loads(store.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
-
-
-def save_choice(path: str | Path, result: TuneResult, store: Path | None = None) -> None:
-    """Record the winner for this model (atomic write) in ``store`` (default ``TUNE_FILE``)."""
-    store = store or TUNE_FILE
-    data = _read(store)
-    data[model_key(path)] = {**asdict(result), "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
-    store.parent.mkdir(parents=True, exist_ok=True)
-    tmp = store.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, store)
-
-
-def load_choice(path: str | Path, store: Path | None = None) -> int | None:
-    """The tuned draft depth for this model (0 = plain decoding), or None if never tuned here."""
-    entry = _read(store or TUNE_FILE).get(model_key(path))
-    return None if entry is None else int(entry["depth"])
 
 
 def teacher_forced_agreement(model: Model, tokens: Sequence[int], chunk: int = 1024) -> dict[str, list[float]]:

@@ -23,7 +23,7 @@ from step35_mlx import load_model
 from step35_mlx.cli import app
 from step35_mlx.config import ModelConfig
 from step35_mlx.convert.quantize import PROGRESS_FILE, ConvertError, convert_checkpoint, parse_size
-from step35_mlx.convert.safetensors_io import encode_header
+from step35_mlx.safetensors_io import encode_header
 from step35_mlx.convert.source import E4M3_TABLE
 from step35_mlx.convert.verify import verify
 from step35_mlx.loader import hf_to_internal

@@ -8,7 +8,8 @@ import pytest
 from step35_mlx import load_model
 from step35_mlx.costs import expert_bytes, trunk_fixed_bytes
 from step35_mlx.synthetic import tiny_config, write_hf_checkpoint
-from step35_mlx.tune import TuneResult, best, load_choice, measure, save_choice
+from step35_mlx.tune import best, measure
+from step35_mlx.tuned import TuneResult, load_choice, save_choice
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,7 @@ def test_tune_command_stores_the_winner(tiny, tmp_path, monkeypatch):
     """End to end through the CLI on a checkpoint with a tokenizer (the chat fixture)."""
     from typer.testing import CliRunner
 
-    import step35_mlx.tune as tune_mod
+    import step35_mlx.tuned as tune_mod
     from step35_mlx.cli import app
     from chatkit import chat_model_dir
 

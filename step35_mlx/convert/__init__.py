@@ -4,6 +4,6 @@
 - ``quantize.convert_checkpoint``: streaming, resumable conversion with a recipe;
 - ``verify.verify``: header-only check of a converted folder;
 - ``dryrun``: exact sizes per recipe and which Macs they fit;
-- ``source`` / ``safetensors_io``: source validation (incl. FP8) and the streaming shard reader/writer;
-- ``commands``: the ``convert`` / ``verify`` / ``quant-eval`` CLI commands.
+- ``source``: source validation (incl. FP8), over ``step35_mlx.safetensors_io`` (the header reader and shard writer);
+- the ``convert`` / ``verify`` / ``quant-eval`` commands live in ``step35_mlx.cli.convert``.
 """

@@ -41,7 +41,7 @@ from ..loader import INDEX_FILE
 from ..quant.recipes import (
     DEFAULT_RECIPE, QuantSpec, Recipe, effective_spec, get_recipe, output_tensors, tensor_bytes,
 )
-from .safetensors_io import (
+from ..safetensors_io import (
     ShardWriter, SafetensorsError, SafetensorsFile, atomic_write_bytes, atomic_write_json, encode_header, nbytes,
 )
 from .source import ConvertError, SourceCheckpoint, SourceTensor

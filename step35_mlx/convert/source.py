@@ -34,7 +34,7 @@ import numpy as np
 
 from ..config import ModelConfig, text_config
 from ..loader import INDEX_FILE, hf_to_internal
-from .safetensors_io import FLOAT_DTYPES, SafetensorsError, SafetensorsFile, TensorInfo
+from ..safetensors_io import FLOAT_DTYPES, SafetensorsError, SafetensorsFile, TensorInfo
 
 FP8_NOTES = """\
 FP8 source format (stepfun-ai/Step-3.5-Flash-FP8):

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..loader import INDEX_FILE, _quantization_predicate, hf_to_internal
-from .safetensors_io import SafetensorsError, SafetensorsFile
+from ..safetensors_io import SafetensorsError, SafetensorsFile
 
 PROGRESS_FILE = "convert-progress.json"
 _FLOAT = ("F32", "F16", "BF16")

@@ -9,6 +9,8 @@ from typing import Any, Optional
 
 import typer
 
+from .common import fail
+
 PLAN_HELP = (
     "Will Step 3.5 Flash fit this machine, with how much context, and what must change if not?\n\n"
     "Adds up, in GB (1e9 bytes): the weights (per quantization recipe, or a converted folder's real file "
@@ -31,11 +33,6 @@ PLAN_HELP = (
 )
 
 
-def _fail(msg: str) -> None:
-    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
-
-
 @dataclass
 class Target:
     """What to plan: a config, its weights (a recipe or measured sizes), a label."""
@@ -49,7 +46,7 @@ class Target:
 
 
 def _hub_config(repo: str) -> dict:
-    from .hub import ModelNotFoundError
+    from ..hub import ModelNotFoundError
 
     try:
         from huggingface_hub import hf_hub_download
@@ -65,11 +62,11 @@ def _hub_config(repo: str) -> dict:
 
 def resolve_target(model: Optional[str], recipe: Optional[str]) -> Target:
     """The config and weights to plan; raises ``ValueError`` / ``FileNotFoundError`` for user mistakes."""
-    from .config import ModelConfig
-    from .data import release_config
-    from .hub import DEMO_NAME, ModelNotFoundError, _looks_like_repo, resolve_model
-    from .plan import folder_activation_bytes, folder_weight_sizes
-    from .quant.recipes import DEFAULT_RECIPE, get_recipe
+    from ..config import ModelConfig
+    from ..data import release_config
+    from ..hub import DEMO_NAME, ModelNotFoundError, _looks_like_repo, resolve_model
+    from ..plan import folder_activation_bytes, folder_weight_sizes
+    from ..quant.recipes import DEFAULT_RECIPE, get_recipe
 
     if recipe is not None and recipe.lower() != "bf16":
         get_recipe(recipe)  # unknown names fail here
@@ -101,7 +98,7 @@ def resolve_target(model: Optional[str], recipe: Optional[str]) -> Target:
         if folder is not None and any(folder.glob("*.safetensors")):
             return Target(cfg, folder_weight_sizes(folder), f"{name} (its files)", True,
                           folder_activation_bytes(folder), folder)
-        from .plan import weight_sizes
+        from ..plan import weight_sizes
 
         return Target(cfg, weight_sizes(cfg, quant), f"{name} (its quantization block)", True)
     if folder is not None and any(folder.glob("*.safetensors")) and recipe is None:
@@ -135,7 +132,7 @@ def _context_cell(n: int | None, wanted: int) -> str:
 
 
 def _max_contexts(plan, machines) -> list[tuple[int, int | None]]:
-    from .plan import max_context
+    from ..plan import max_context
 
     out = []
     for m in machines:
@@ -160,13 +157,13 @@ def plan(
     prefill_step: int = typer.Option(512, "--prefill-step", help="Prompt tokens per prefill chunk (bounds activations)."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan, the verdicts and the context table as JSON."),
 ) -> None:
-    from .hub import ModelNotFoundError
-    from .plan import (
+    from ..hub import ModelNotFoundError
+    from ..plan import (
         GB, OS_RESERVE, GiB, InsufficientMemoryError, check_fit, common_macs, format_tokens, fused_attention_available,
         folder_weight_sizes, load_dtype_bytes, machine_memory, parse_kv_bits, parse_tokens, plan_memory, verdict,
         weight_sizes,
     )
-    from .quant.recipes import RECIPES
+    from ..quant.recipes import RECIPES
 
     try:
         bits = parse_kv_bits(kv_bits)
@@ -183,7 +180,7 @@ def plan(
         base = plan_memory(cfg, recipe=target.weights, context=ctx, kv_bits=bits, mtp=mtp,
                            prefill_step=prefill_step, activation_dtype_bytes=target.activation_bytes)
     except (ValueError, FileNotFoundError, ModelNotFoundError) as e:
-        _fail(str(e))
+        fail(str(e))
 
     here = machine_memory()
     db = load_dtype_bytes()  # the loader's float width on this machine (float32 on CPU), None = the files'
@@ -305,7 +302,7 @@ def plan(
         f"may allow a little more). no = not even one token. GB = {GB:.0e} bytes; K = 1024 tokens.[/]"
     )
 
-    from .plan import _dequantize_prefill_rows
+    from ..plan import _dequantize_prefill_rows
 
     if _dequantize_prefill_rows() is None:
         console.print("[dim]8-bit/4-bit KV: prefill attention over a quantized cache materialises heads x chunk x "

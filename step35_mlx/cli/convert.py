@@ -1,4 +1,4 @@
-"""The ``convert``, ``verify`` and ``quant-eval`` commands (registered on the CLI app by ``cli.py``)."""
+"""The ``convert``, ``verify`` and ``quant-eval`` commands."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+
+from .common import fail
 
 CONVERT_HELP = (
     "Convert Step 3.5 Flash (or Step 3.7 Flash's text model) to a quantized MLX folder.\n\n"
@@ -34,11 +36,6 @@ CONVERT_HELP = (
 )
 
 
-def _fail(msg: str, code: int = 2):
-    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code)
-
-
 def _console():
     from rich.console import Console
 
@@ -59,10 +56,10 @@ def _pick_recipe(recipe: Optional[str], bits: Optional[int], group_size: Optiona
 
 def _dry_run(source: Optional[str], recipe, keep_mtp: bool, shard_size: int) -> None:
     from ..quant.recipes import RECIPES
-    from .dryrun import FIT_NOTE, RecipeSize, render_table, sizes_for_config, step3p5_flash_config
-    from .download import DEFAULT_REPO, looks_like_path
-    from .quantize import make_plan
-    from .source import ConvertError, SourceCheckpoint
+    from ..convert.dryrun import FIT_NOTE, RecipeSize, render_table, sizes_for_config, step3p5_flash_config
+    from ..convert.download import DEFAULT_REPO, looks_like_path
+    from ..convert.quantize import make_plan
+    from ..convert.source import ConvertError, SourceCheckpoint
 
     console = _console()
     recipes = list(RECIPES.values())
@@ -107,8 +104,8 @@ def _dry_run(source: Optional[str], recipe, keep_mtp: bool, shard_size: int) -> 
 
 
 def _hub_config(repo_id: str) -> dict:
-    from .download import _hub_error
-    from .source import ConvertError
+    from ..convert.download import _hub_error
+    from ..convert.source import ConvertError
 
     try:
         from huggingface_hub import hf_hub_download
@@ -145,10 +142,10 @@ def convert_cmd(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     from ..quant.recipes import plan_sizes
-    from .download import resolve_source
-    from .dryrun import step3p5_flash_config
-    from .quantize import convert_checkpoint, parse_size
-    from .source import ConvertError
+    from ..convert.download import resolve_source
+    from ..convert.dryrun import step3p5_flash_config
+    from ..convert.quantize import convert_checkpoint, parse_size
+    from ..convert.source import ConvertError
 
     console = _console()
     try:
@@ -168,9 +165,9 @@ def convert_cmd(
                                     shard_size=size, label=resolved.label, progress=not quiet,
                                     log=console.print)
     except (ConvertError, ValueError, FileNotFoundError) as e:
-        _fail(str(e))
+        fail(str(e))
     except KeyboardInterrupt:
-        _fail("interrupted; rerun the same command to resume from the last complete shard", 130)
+        fail("interrupted; rerun the same command to resume from the last complete shard", 130)
     plan = result.plan
     if not result.already_complete:
         console.print(
@@ -187,10 +184,10 @@ def verify_cmd(folder: Path = typer.Argument(..., help="A folder written by `ste
 
     Example: step35-mlx verify ~/models/step35-q4
     """
-    from .verify import verify
+    from ..convert.verify import verify
 
     if not folder.expanduser().is_dir():
-        _fail(f"folder not found: {folder}")
+        fail(f"folder not found: {folder}")
     rep = verify(folder.expanduser())
     for line in rep.summary().splitlines():
         color = typer.colors.RED if line.startswith(("problem", "FAILED")) else (
@@ -221,16 +218,16 @@ def quant_eval_cmd(
 
     for d in (quantized, reference):
         if not d.expanduser().is_dir():
-            _fail(f"folder not found: {d}")
+            fail(f"folder not found: {d}")
     sample = None
     if text is not None:
         if not text.expanduser().is_file():
-            _fail(f"text file not found: {text}")
+            fail(f"text file not found: {text}")
         sample = text.expanduser().read_text(encoding="utf-8", errors="replace")
     try:
         m = quant_eval(quantized.expanduser(), reference.expanduser(), text=sample, max_tokens=max_tokens)
     except (ValueError, FileNotFoundError) as e:
-        _fail(str(e))
+        fail(str(e))
     if as_json:
         typer.echo(json.dumps(m, indent=2))
         return
@@ -239,9 +236,3 @@ def quant_eval_cmd(
         f"top-1 agreement {100 * m['top1_agreement']:.1f}%, "
         f"ppl {m['ppl_quantized']:.3f} vs reference {m['ppl_reference']:.3f}"
     )
-
-
-def register(app: typer.Typer) -> None:
-    app.command("convert", help=CONVERT_HELP)(convert_cmd)
-    app.command("verify")(verify_cmd)
-    app.command("quant-eval")(quant_eval_cmd)

@@ -1,0 +1,45 @@
+"""Pieces every command shares: the one-red-line failure, terminal-safe text, shared options."""
+
+from __future__ import annotations
+
+from typing import NoReturn
+
+import typer
+
+_CONTROL = {c: None for c in range(32) if c not in (9, 10)} | {127: None}
+
+MODEL_OPTION = typer.Option(None, "--model", "-m", help="Model folder, Hugging Face repo id, or 'demo' (default: the bundled demo model).")
+MTP_OPTION = typer.Option(None, "--mtp/--no-mtp", help="Speculative decoding with the MTP heads (default: what `step35-mlx tune` chose for this model, else off).")
+DRAFT_DEPTH_OPTION = typer.Option(None, "--draft-depth", help="MTP draft tokens per step (1-3; implies --mtp).")
+MAX_CONTEXT_OPTION = typer.Option(None, "--max-context", help="Context limit in tokens (default: the model's, or the longest that fits this machine's memory).")
+PREFILL_STEP_OPTION = typer.Option(512, "--prefill-step", help="Prompt tokens per prefill chunk; smaller bounds memory on long prompts.")
+KV_BITS_OPTION = typer.Option(None, "--kv-bits", help="Store the KV cache quantized (4 or 8 bits).")
+SEED_OPTION = typer.Option(None, "--seed", help="Random seed for reproducible sampling (0 to 2^64-1).")
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """Print one red ``error:`` line on stderr and exit with ``code``."""
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def printable(text: str) -> str:
+    """Model text made safe for a terminal (no escape or other control characters)."""
+    return text.translate(_CONTROL)
+
+
+def stats_line(st, interrupted: bool = False) -> str:
+    """One line of generation statistics for the terminal."""
+    parts = [f"{st.generation_tokens} tokens, {st.generation_tps:.1f} tok/s"]
+    reused = st.prompt_tokens - st.prefill_tokens
+    parts.append(f"prompt {st.prefill_tokens} new" + (f" + {reused} cached" if reused else "")
+                 + f" at {st.prompt_tps:.0f} tok/s")
+    if st.draft_depth:
+        acc = "/".join(f"{a:.2f}" for a in st.acceptance)
+        parts.append(f"MTP d={st.draft_depth}: {st.tokens_per_verify:.2f} tok/verify, accept {acc}")
+    parts.append(f"context {st.context_tokens}/{st.context_limit}")
+    gb = st.peak_memory_gb
+    parts.append(f"peak {gb:.2f} GB" if gb >= 1 else f"peak {gb * 1000:.0f} MB")
+    if interrupted:
+        parts.append("interrupted")
+    return " · ".join(parts)

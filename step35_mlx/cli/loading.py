@@ -1,0 +1,68 @@
+"""The one load path of every command that runs a model: resolve -> plan -> load, config parsed once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+
+from .common import fail
+
+
+@dataclass
+class LoadedModel:
+    """What a command needs to run a model, named so that callers cannot mix the parts up."""
+
+    model: Any  # step35_mlx.Model
+    tokenizer: Any  # mlx-lm TokenizerWrapper
+    path: Path
+    generation_config: dict
+    context_limit: int  # tokens: --max-context, or the longest that fits this machine
+
+
+def load_for_cli(model: Optional[str], announce: Callable[[str], None], *, max_context: Optional[int] = None,
+                 kv_bits: Optional[int] = None, mtp: Optional[bool] = None, prefill_step: int = 512) -> LoadedModel:
+    """Load a model for a command, or print one red line and exit 2.
+
+    Before any weight is read, the memory plan (``step35_mlx.plan.preflight``) must fit this
+    machine: for ``max_context`` when given, else for the longest context that fits (which
+    becomes the limit). A model that does not fit is refused with the options that would fit.
+    """
+    from ..config import ModelConfig
+    from ..generate import read_generation_config
+    from ..hub import DEMO_DIR, ModelNotFoundError, resolve_model
+    from ..loader import CheckpointError, load
+    from ..plan import InsufficientMemoryError, preflight
+
+    try:
+        path = resolve_model(model)
+    except ModelNotFoundError as e:
+        fail(str(e))
+    if model is None:
+        announce(f"No --model given: using the bundled demo model ({DEMO_DIR}). "
+                 "Pass --model PATH|REPO to chat with Step 3.5 Flash.")
+    keep_mtp = mtp is not False
+    try:
+        config = ModelConfig.from_file(path)
+        plan = preflight(path, config=config, context=max_context, kv_bits=kv_bits, mtp=keep_mtp,
+                         prefill_step=prefill_step)
+    except InsufficientMemoryError as e:
+        head, _, options = str(e).partition("\n")
+        typer.secho(f"error: {head}", fg=typer.colors.RED, err=True)
+        typer.echo(options, err=True)
+        raise typer.Exit(2)
+    except CheckpointError as e:
+        fail(f"cannot load {path}: {e}")
+    except (ValueError, OSError) as e:
+        fail(str(e))
+    if max_context is None and plan.context < config.max_position_embeddings:
+        announce(f"Context limited to {plan.context:,} tokens so that the model fits this machine's memory "
+                 f"(`step35-mlx plan --model {path}` shows the options).")
+    try:
+        m, tok = load(path, config=config, mtp=keep_mtp)
+        generation_config = read_generation_config(path, warn=announce)
+    except (ValueError, OSError) as e:
+        fail(f"cannot load {path}: {e}")
+    return LoadedModel(m, tok, path, generation_config, plan.context)
