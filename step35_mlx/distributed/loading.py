@@ -19,7 +19,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from ..config import ModelConfig
-from ..convert.safetensors_io import DTYPES, FLOAT_DTYPES, SafetensorsFile, TensorInfo
+from ..safetensors_io import DTYPES, FLOAT_DTYPES, SafetensorsFile, TensorInfo
 from ..loader import CheckpointError, _cast, _quantization_predicate, hf_to_internal, shard_files
 from ..model import Model
 from .expert import expert_range, shard_experts

@@ -1,0 +1,71 @@
+"""``--parallel`` for the commands that run a model, and ``plan --hosts``: the CLI side of step35_mlx.distributed."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable, Optional
+
+import typer
+
+from .common import fail
+from .loading import LoadedModel
+
+PARALLEL_OPTION = typer.Option(None, "--parallel", help="Split the model across the ranks started by mlx.launch: "
+                               "tensor, expert or pipeline (README: Several Macs).")
+SPLIT_OPTION = typer.Option(None, "--split", help="--parallel pipeline: trunk layers per rank, e.g. 30,15 "
+                            "(default auto: in proportion to each rank's memory).")
+
+
+def load_parallel_for_cli(model: Optional[str], announce: Callable[[str], None], mode: str, split: Optional[str],
+                          *, mtp: bool) -> LoadedModel:
+    """This rank's share of ``model``; ranks other than 0 print nothing on stdout."""
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    from ..config import ModelConfig
+    from ..distributed.runtime import ParallelSetupError, load_rank
+    from ..generate import read_generation_config
+    from ..hub import ModelNotFoundError, resolve_model
+    from ..loader import CheckpointError
+
+    try:
+        path = resolve_model(model)
+        config = ModelConfig.from_file(path)
+        rank = load_rank(path, config, mode, split, mtp=mtp)
+        tokenizer = load_tokenizer(path, eos_token_ids=config.eos_token_id or None)
+        generation_config = read_generation_config(path, warn=announce)
+    except (ModelNotFoundError, ParallelSetupError) as e:
+        fail(str(e))
+    except (CheckpointError, ValueError, OSError) as e:
+        fail(f"cannot load {path}: {e}")
+    if rank.group.rank() != 0:
+        sys.stdout = open(os.devnull, "w")
+    return LoadedModel(rank.model, tokenizer, path, generation_config, config.max_position_embeddings)
+
+
+def print_hosts_plan(config, hosts: str, recipe: Optional[str], context: int) -> None:
+    """``plan --hosts``: per-rank memory for each mode and recipe, the verdicts and the launch lines."""
+    from ..distributed.hostplan import launch_line, parse_hosts, plan_hosts, release_tensor_problems
+    from ..plan import verdict
+
+    try:
+        sizes = parse_hosts(hosts)
+    except ValueError as e:
+        fail(str(e))
+    recipes = [recipe] if recipe else ["q8", "q6", "q4", "q3-mixed", "q2-mixed"]
+    typer.echo(f"{len(sizes)} Macs: {', '.join(f'{s:g} GB' for s in sizes)}; context {context:,} tokens; "
+               "per rank GB = weights + KV + activations/overhead")
+    for r in recipes:
+        problems = release_tensor_problems(config, r, len(sizes))
+        for p in plan_hosts(config, sizes, recipe=r, context=context, tensor_problems=problems):
+            cells = []
+            for need in p.ranks:
+                v = verdict(need.total, need.host)
+                cells.append(f"{need.total / 1e9:6.1f}{'' if v.status == 'fits' else '*' if v.status == 'raise' else '!'}")
+            status = "no: " + p.problem if p.problem else ("fits" if p.fits else "does not fit")
+            split = f" split {','.join(map(str, p.counts))}" if p.counts else ""
+            typer.echo(f"  {r:9s} {p.mode:9s} {' '.join(cells)}   {status}{split}")
+            if p.fits:
+                typer.echo(f"      {launch_line(p.mode, len(sizes), p.counts).replace('step35-q4', f'step35-{r}')}")
+    typer.echo("(* = after raising the GPU wired limit on that Mac: sudo sysctl iogpu.wired_limit_mb=<RAM minus 8 GB>; "
+               "! = does not fit that Mac)")

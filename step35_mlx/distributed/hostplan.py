@@ -1,0 +1,158 @@
+"""Per-rank memory for each parallel mode on a set of Macs (``step35-mlx plan --hosts 2x64GB``).
+
+Weights per rank come from the recipe's exact tensor sizes split by ``share.Layout``; the KV
+cache, activations and overhead from ``plan.plan_memory`` (tensor parallelism divides the KV
+heads, pipeline gives each stage its layers' caches, expert parallelism keeps all of it).
+Pipeline stages get layers in proportion to each Mac's usable memory.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ..config import ModelConfig
+from ..plan import GiB, MachineMemory, mac_machine, plan_memory, verdict
+from ..quant.recipes import BYTES_PER, Recipe, effective_spec, expected_tensors, get_recipe, output_tensors, source_dtype_for
+from .pipeline import split_layers
+from .share import MODES, Layout, rank_bytes
+from .tensor import tensor_split_problems
+
+_HOSTS = re.compile(r"^(?:(\d+)\s*x\s*)?(\d+(?:\.\d+)?)\s*(?:GB|G|GiB)?$", re.IGNORECASE)
+
+
+def parse_hosts(text: str) -> list[float]:
+    """``"2x64GB"`` -> ``[64, 64]``; ``"128GB,64GB"`` -> ``[128, 64]`` (GB of RAM per Mac)."""
+    out: list[float] = []
+    for part in text.split(","):
+        m = _HOSTS.match(part.strip())
+        if not m or float(m.group(2)) <= 0:
+            raise ValueError(f"--hosts {text!r}: expected sizes such as 2x64GB or 128GB,64GB")
+        out += [float(m.group(2))] * int(m.group(1) or 1)
+    if len(out) < 2:
+        raise ValueError(f"--hosts {text!r}: name at least two Macs (e.g. 2x64GB)")
+    return out
+
+
+def recipe_tensor_sizes(config: ModelConfig, recipe: Recipe) -> dict[str, tuple[tuple[int, ...], int, bool]]:
+    """Every tensor a conversion with ``recipe`` holds: name -> (shape, itemsize, floating)."""
+    out = {}
+    for name, shape in expected_tensors(config):
+        spec = effective_spec(recipe.spec_for(name), shape)
+        for n, dt, sh in output_tensors(name, shape, source_dtype_for(name), spec):
+            out[n] = (sh, BYTES_PER[dt], dt != "U32")
+    return out
+
+
+@dataclass(frozen=True)
+class RankNeed:
+    host: MachineMemory
+    weights: int
+    kv: int
+    other: int  # activations + overhead
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv + self.other
+
+
+@dataclass(frozen=True)
+class ModePlan:
+    mode: str
+    ranks: list[RankNeed]
+    counts: tuple[int, ...]
+    problem: str | None  # why the mode cannot run at all (tensor split limits)
+
+    @property
+    def fits(self) -> bool:
+        return self.problem is None and all(verdict(r.total, r.host).status != "no" for r in self.ranks)
+
+
+def plan_hosts(config: ModelConfig, hosts_gb: list[float], *, recipe: str = "q4", context: int = 32768,
+               tensor_problems: list | None = None) -> list[ModePlan]:
+    """One ``ModePlan`` per parallel mode for Macs with ``hosts_gb`` GB of RAM."""
+    r = get_recipe(recipe)
+    sizes = recipe_tensor_sizes(config, r)
+    base = plan_memory(config, recipe=r, context=context)
+    hosts = [mac_machine(gb) for gb in hosts_gb]
+    n = len(hosts)
+    other = base.activations + base.overhead
+    counts = _balanced_split(config, sizes, hosts, base.kv + other)
+    plans = []
+    for mode in MODES:
+        layout = Layout(mode, n, config.moe_num_experts, counts if mode == "pipeline" else ())
+        ranks = []
+        for i, h in enumerate(hosts):
+            if mode == "tensor":
+                kv = base.kv // n
+            elif mode == "pipeline":
+                kv = base.full_kv * sum(1 for j in range(*_stage(counts, i)) if not config.layer(j).is_sliding) // max(
+                    1, sum(1 for j in range(config.num_hidden_layers) if not config.layer(j).is_sliding)) + base.mtp_kv
+            else:
+                kv = base.kv
+            ranks.append(RankNeed(h, rank_bytes(sizes, layout, i), kv, other))
+        problem = None
+        if mode == "tensor" and tensor_problems:
+            problem = tensor_problems[0]
+        plans.append(ModePlan(mode, ranks, counts if mode == "pipeline" else (), problem))
+    return plans
+
+
+def _balanced_split(config: ModelConfig, sizes: dict, hosts: list[MachineMemory], extra: int) -> tuple[int, ...]:
+    """Layers per stage so that the fullest Mac is as little full as possible (memory after raising its limit)."""
+    L, n = config.num_hidden_layers, len(hosts)
+    per_layer = [0] * L
+    fixed = 0
+    for name, (shape, itemsize, _) in sizes.items():
+        b = itemsize
+        for d in shape:
+            b *= d
+        m = re.match(r"^model\.layers\.(\d+)\.", name)
+        if m:
+            per_layer[int(m.group(1))] += b
+        else:
+            fixed += b
+    cap = [h.raise_target or h.gpu_limit for h in hosts]
+    # Greedy from the front: each stage takes layers while its share of the remaining room allows.
+    counts, first = [], 0
+    for i in range(n):
+        room_left = sum(cap[i:])
+        rest = sum(per_layer[first:])
+        budget = rest * cap[i] / room_left
+        c, acc = 0, 0
+        while first + c < L - (n - i - 1) and (c == 0 or acc + per_layer[first + c] / 2 <= budget or i == n - 1):
+            acc += per_layer[first + c]
+            c += 1
+        counts.append(c)
+        first += c
+    return tuple(counts)
+
+
+def _stage(counts: tuple[int, ...], i: int) -> tuple[int, int]:
+    first = sum(counts[:i])
+    return first, first + counts[i]
+
+
+def release_tensor_problems(config: ModelConfig, recipe: str, ranks: int) -> list[str]:
+    """Why ``recipe`` of this config cannot be tensor-split ``ranks`` ways (lazy model, nothing drawn)."""
+    import mlx.nn as nn
+
+    from ..model import Model
+
+    r = get_recipe(recipe)
+    model = Model(config)
+
+    def pred(path, module):
+        if not hasattr(module, "to_quantized"):
+            return False
+        spec = effective_spec(r.spec_for(f"{path}.weight"), module.weight.shape)
+        return {"group_size": spec.group_size, "bits": spec.bits} if spec else False
+
+    nn.quantize(model, class_predicate=pred)
+    return [f"{p.where}: {p.what}" for p in tensor_split_problems(model, ranks)]
+
+
+def launch_line(mode: str, hosts: int, counts: tuple[int, ...] = ()) -> str:
+    split = f" --split {','.join(map(str, counts))}" if mode == "pipeline" and counts else ""
+    return (f"mlx.launch --hostfile hosts.json --backend ring -n {hosts} -- "
+            f"step35-mlx generate --model ~/models/step35-q4 --parallel {mode}{split} -p \"Hello\"")

@@ -1,0 +1,71 @@
+"""Running a command on every rank: the fit check per rank, loading, and sharing rank 0's text."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from ..config import ModelConfig
+from ..plan import load_dtype_bytes, machine_memory
+from .loading import load_distributed, tensor_index, tensor_sizes
+from .pipeline import parse_split, split_layers
+from .share import MODES, Layout, rank_bytes
+
+
+class ParallelSetupError(ValueError):
+    """A user mistake in the distributed setup (one rank, bad split, does not fit)."""
+
+
+@dataclass
+class RankModel:
+    model: object  # step35_mlx.Model (split)
+    group: mx.distributed.Group
+    weight_bytes: int  # the planned share of this rank
+
+
+def _gather_floats(value: float, group: mx.distributed.Group) -> list[float]:
+    return [float(v) for v in mx.distributed.all_gather(mx.array([value], dtype=mx.float32), group=group).tolist()]
+
+
+def load_rank(path: Path, config: ModelConfig, mode: str, split: str | None, *, mtp: bool = True) -> RankModel:
+    """Join the ``mlx.launch`` group, check this rank's share fits its memory, and load it."""
+    if mode not in MODES:
+        raise ParallelSetupError(f"--parallel {mode!r}: choose one of {', '.join(MODES)}")
+    group = mx.distributed.init()
+    n = group.size()
+    if n == 1:
+        raise ParallelSetupError("--parallel needs several ranks: start the command with "
+                                 "`mlx.launch --hostfile hosts.json -- step35-mlx ...` (see README, Several Macs)")
+    machine = machine_memory()
+    counts: tuple[int, ...] = ()
+    if mode == "pipeline":
+        if split in (None, "auto"):
+            counts = tuple(split_layers(config.num_hidden_layers, _gather_floats(machine.gpu_limit / 1e9, group)))
+        else:
+            counts = tuple(parse_split(split, config.num_hidden_layers, n))
+    elif split is not None:
+        raise ParallelSetupError("--split applies to --parallel pipeline only")
+    layout = Layout(mode, n, config.moe_num_experts, counts)
+    need = rank_bytes(tensor_sizes(tensor_index(path, config, mtp)), layout, group.rank(), load_dtype_bytes())
+    if need > machine.gpu_limit:
+        raise ParallelSetupError(
+            f"rank {group.rank()} ({machine.name}) needs {need / 1e9:.1f} GB of weights for --parallel {mode} but "
+            f"may use {machine.gpu_limit / 1e9:.1f} GB; `step35-mlx plan --hosts ...` shows what fits")
+    model = load_distributed(path, mode, group, split=list(counts) or None, mtp=mtp)
+    return RankModel(model, group, need)
+
+
+def share_text(text: str, group: mx.distributed.Group | None) -> str:
+    """``text`` as rank 0 has it, on every rank (prompts read from a terminal or stdin exist on rank 0 only)."""
+    if group is None or group.size() == 1:
+        return text
+    data = np.frombuffer(text.encode("utf-8"), dtype=np.uint8) if group.rank() == 0 else np.zeros(0, np.uint8)
+    n = int(mx.distributed.all_sum(mx.array([data.size], dtype=mx.int32), group=group).item())
+    buf = mx.zeros((n,), dtype=mx.int32)
+    if group.rank() == 0:
+        buf = mx.array(data.astype(np.int32))
+    out = mx.distributed.all_sum(buf, group=group)
+    return bytes(np.array(out).astype(np.uint8)).decode("utf-8")
