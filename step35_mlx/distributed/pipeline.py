@@ -83,13 +83,16 @@ class PipelineModel(Model):
         emb = self.model.embed_tokens
         return emb.scales.dtype if "scales" in emb else emb.weight.dtype
 
-    def forward_hidden(self, tokens: mx.array, cache: list | None = None) -> mx.array:
+    def trunk(self, tokens: mx.array, cache: list | None = None) -> mx.array:
         """This stage's layers between a ``recv`` from the previous rank and a ``send`` to the next;
         returns the last stage's hidden state on every rank (evaluated)."""
         if cache is not None and len(cache) != len(self.layers):
             raise ValueError(f"cache has {len(cache)} entries; this stage has {len(self.layers)} layers")
         B, T = tokens.shape
         s, g = self.stage, self._group
+        # The stages' graphs differ, so collectives are ordered by hand: the tokens (which may come
+        # from rank 0's token all_sum) first, then recv/send, then the hidden state's all_sum.
+        mx.eval(tokens)
         if s.rank == 0:
             h = self.model.embed_tokens(tokens)
         else:
@@ -99,9 +102,11 @@ class PipelineModel(Model):
             h = layer(h, sliding_mask if layer.is_sliding else full_mask, cache[i] if cache else None)
         if s.rank < s.ranks - 1:
             h = mx.depends(mx.zeros_like(h), mx.distributed.send(h, s.rank + 1, group=g))
+        # Evaluated step by step so every rank runs its recv/send before the all_sum starts (the ring
+        # backend shares the neighbour sockets between them) and even when the caller only evaluates
+        # the caches (prefill), which would otherwise leave the next stage waiting forever.
+        mx.eval(h)
         out = mx.distributed.all_sum(h, group=g)
-        # Evaluated here so every rank runs its send/recv and the all_sum even when the caller
-        # only evaluates the caches (prefill): otherwise the next stage would wait forever.
         mx.eval(out)
         return out
 

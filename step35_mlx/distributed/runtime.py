@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,7 +46,10 @@ def load_rank(path: Path, config: ModelConfig, mode: str, split: str | None, *, 
         if split in (None, "auto"):
             counts = tuple(split_layers(config.num_hidden_layers, _gather_floats(machine.gpu_limit / 1e9, group)))
         else:
-            counts = tuple(parse_split(split, config.num_hidden_layers, n))
+            try:
+                counts = tuple(parse_split(split, config.num_hidden_layers, n))
+            except ValueError as e:
+                raise ParallelSetupError(str(e)) from None
     elif split is not None:
         raise ParallelSetupError("--split applies to --parallel pipeline only")
     layout = Layout(mode, n, config.moe_num_experts, counts)
@@ -55,7 +59,14 @@ def load_rank(path: Path, config: ModelConfig, mode: str, split: str | None, *, 
             f"rank {group.rank()} ({machine.name}) needs {need / 1e9:.1f} GB of weights for --parallel {mode} but "
             f"may use {machine.gpu_limit / 1e9:.1f} GB; `step35-mlx plan --hosts ...` shows what fits")
     model = load_distributed(path, mode, group, split=list(counts) or None, mtp=mtp)
+    atexit.register(barrier, group)
     return RankModel(model, group, need)
+
+
+def barrier(group: mx.distributed.Group) -> None:
+    """Wait for queued work and for every rank, so that no rank closes its sockets while others still talk."""
+    mx.synchronize()
+    mx.eval(mx.distributed.all_sum(mx.array([1], dtype=mx.int32), group=group))
 
 
 def share_text(text: str, group: mx.distributed.Group | None) -> str:
