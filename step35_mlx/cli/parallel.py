@@ -28,8 +28,13 @@ def load_parallel_for_cli(model: Optional[str], announce: Callable[[str], None],
     from ..hub import ModelNotFoundError, resolve_model
     from ..loader import CheckpointError
 
+    from ..hub import DEMO_DIR
+
     try:
         path = resolve_model(model)
+        if model is None:
+            announce(f"No --model given: using the bundled demo model ({DEMO_DIR}). "
+                     "Pass --model PATH|REPO to chat with Step 3.5 Flash.")
         config = ModelConfig.from_file(path)
         rank = load_rank(path, config, mode, split, mtp=mtp)
         tokenizer = load_tokenizer(path, eos_token_ids=config.eos_token_id or None)
@@ -69,3 +74,19 @@ def print_hosts_plan(config, hosts: str, recipe: Optional[str], context: int) ->
                 typer.echo(f"      {launch_line(p.mode, len(sizes), p.counts).replace('step35-q4', f'step35-{r}')}")
     typer.echo("(* = after raising the GPU wired limit on that Mac: sudo sysctl iogpu.wired_limit_mb=<RAM minus 8 GB>; "
                "! = does not fit that Mac)")
+
+
+def chat_across_ranks(session, group, converse: Callable) -> None:
+    """Rank 0 converses with the terminal through a ``LeaderSession``; the other ranks follow it."""
+    from ..distributed.serving import JobChannel, LeaderSession, follow_chat
+
+    channel = JobChannel(group)
+    if not channel.leader:
+        return follow_chat(session, channel)
+    leader = LeaderSession(session, channel)
+    typer.secho(f"step35-mlx chat · {group.size()} ranks · context limit {session.context_limit} tokens", bold=True)
+    typer.secho("Type a message. /help lists commands; Ctrl-C stops an answer; Ctrl-D exits.", dim=True)
+    try:
+        converse(leader)
+    finally:
+        leader.close()

@@ -49,15 +49,32 @@ class RankResult:
     stderr: str
 
 
-def spawn_local(ranks: int, argv: list[str], workdir: Path, *, timeout: float = 300,
-                env: dict[str, str] | None = None) -> list[RankResult]:
-    """Run ``python argv...`` as ``ranks`` ring-backend ranks on loopback; every rank's status and output."""
+def start_local(ranks: int, argv: list[str], workdir: Path, *,
+                env: dict[str, str] | None = None) -> list[subprocess.Popen]:
+    """Start ``python argv...`` as ``ranks`` ring-backend ranks on loopback (stdin, stdout, stderr piped)."""
     hostfile = write_local_hostfile(workdir / "hosts.json", ranks)
     procs = []
     for r in range(ranks):
         e = dict(os.environ, **(env or {}), MLX_HOSTFILE=str(hostfile), MLX_RANK=str(r))
-        procs.append(subprocess.Popen([sys.executable, *argv], env=e, stdout=subprocess.PIPE,
+        procs.append(subprocess.Popen([sys.executable, *argv], env=e, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def spawn_local(ranks: int, argv: list[str], workdir: Path, *, timeout: float = 300,
+                env: dict[str, str] | None = None) -> list[RankResult]:
+    """Run ``python argv...`` as ``ranks`` ranks on loopback until they end; every rank's status and output."""
+    return wait_all(start_local(ranks, argv, workdir, env=env), timeout)
+
+
+def wait_all(procs: list[subprocess.Popen], timeout: float, stdin: str = "") -> list[RankResult]:
+    """Each rank's exit status and output (all are killed if one outlives ``timeout``); rank 0 reads ``stdin``."""
+    for i, p in enumerate(procs):
+        if p.stdin is not None:
+            if i == 0 and stdin:
+                p.stdin.write(stdin)
+            p.stdin.close()
+            p.stdin = None  # communicate() must not touch the closed pipe
     results = []
     for r, p in enumerate(procs):
         try:

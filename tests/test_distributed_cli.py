@@ -1,0 +1,115 @@
+"""`generate` and `serve` with --parallel on 2 local ranks (ring backend, loopback), against one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from step35_mlx.distributed.launch import spawn_local, start_local, wait_all
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("uvicorn")
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {"PYTHONPATH": str(ROOT)}
+PROMPT = "What is a tuple?"
+
+
+def _single(*args: str) -> str:
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-m", "step35_mlx", *args], cwd=ROOT, env=dict(os.environ, **ENV),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_generate_parallel_matches_one_process(tmp_path):
+    args = ["generate", "-p", PROMPT, "-t", "0", "-n", "40", "--json"]
+    ref = json.loads(_single(*args))
+    ranks = spawn_local(2, ["-m", "step35_mlx", *args, "--parallel", "expert"], tmp_path, env=ENV, timeout=180)
+    for r in ranks:
+        assert r.returncode == 0, f"rank {r.rank}: {r.stderr[-2000:]}"
+    got = json.loads(ranks[0].stdout)
+    assert (got["text"], got["reasoning"]) == (ref["text"], ref["reasoning"])
+    assert got["stats"]["generation_tokens"] == 40
+    assert ranks[1].stdout == ""  # only rank 0 prints
+    # a bad split: one red line, exit 2 on every rank, no traceback
+    bad = spawn_local(2, ["-m", "step35_mlx", *args, "--parallel", "pipeline", "--split", "5,5"], tmp_path,
+                      env=ENV, timeout=120)
+    for r in bad:
+        assert r.returncode == 2 and "error: --split '5,5'" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_parallel_one_request_and_concurrent_ones(tmp_path):
+    from step35_mlx import generate as one_answer
+    from step35_mlx.loader import load
+
+    model, tok = load("demo")
+    messages = [{"role": "user", "content": PROMPT}]
+    expected = one_answer(model, tok, messages, max_tokens=30, temperature=0)
+    port = _port()
+    procs = start_local(2, ["-m", "step35_mlx", "serve", "--port", str(port), "--parallel", "pipeline",
+                            "--split", "4,2", "--no-mtp"], tmp_path, env=ENV)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=60)
+        deadline = time.time() + 90
+        while True:
+            try:
+                client.models.list()
+                break
+            except openai.APIConnectionError:
+                assert time.time() < deadline and all(p.poll() is None for p in procs), "server did not start"
+                time.sleep(0.2)
+
+        def ask(_):
+            r = client.chat.completions.create(model="m", messages=messages, max_tokens=30, temperature=0)
+            return (getattr(r.choices[0].message, "reasoning_content", None) or "") + "|" + (r.choices[0].message.content or "")
+
+        first = ask(0)
+        with ThreadPoolExecutor(3) as pool:  # concurrent requests run one after another on every rank
+            rest = list(pool.map(ask, range(3)))
+        assert rest == [first] * 3
+        reasoning, _, content = first.partition("|")
+        assert expected.strip() and expected.strip() in (reasoning + content).replace("\n</think>\n", "")
+    finally:
+        procs[0].send_signal(signal.SIGINT)
+        results = wait_all(procs, 60)
+    for r in results:
+        assert r.returncode == 0, f"rank {r.rank}: {r.stderr[-2000:]}"
+
+
+def _answers(stdout: str) -> list[str]:
+    """The chat transcript without the header and the stats lines (their speeds differ run to run)."""
+    return [l for l in stdout.splitlines() if "tok/s" not in l and not l.startswith("step35-mlx chat")]
+
+
+def test_chat_parallel_matches_one_process(tmp_path):
+    script = "What is a tuple?\n/reset\nHello\n/save x.session\n/exit\n"
+    args = ["chat", "-n", "12", "-t", "0"]
+    import subprocess
+
+    ref = subprocess.run([sys.executable, "-m", "step35_mlx", *args], input=script.replace("/save x.session\n", ""),
+                         cwd=tmp_path, env=dict(os.environ, **ENV), capture_output=True, text=True, timeout=120)
+    assert ref.returncode == 0, ref.stderr
+    procs = start_local(2, ["-m", "step35_mlx", *args, "--parallel", "pipeline"], tmp_path, env=ENV)
+    ranks = wait_all(procs, 180, stdin=script)
+    for r in ranks:
+        assert r.returncode == 0, f"rank {r.rank}: {r.stderr[-2000:]}"
+    got = _answers(ranks[0].stdout)
+    assert "error: /save and /load are not available with --parallel" in "\n".join(got)
+    assert [l for l in got if "/save" not in l] == _answers(ref.stdout)
