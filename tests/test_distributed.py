@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
@@ -23,6 +22,7 @@ from step35_mlx.distributed import (Layout, check_tensor_split, expert_range, pa
 from step35_mlx.distributed.launch import spawn_local
 from step35_mlx.distributed.loading import tensor_index, tensor_sizes
 from step35_mlx.distributed.probe import probe
+from step35_mlx.distributed.subset import write_rank_subset
 from step35_mlx.quant.recipes import uniform
 from step35_mlx.synthetic import tiny_config, write_hf_checkpoint
 
@@ -79,12 +79,24 @@ def test_two_ranks_every_mode_float_and_4bit(checkpoints):
     root = checkpoints
     cases = [{"name": f"{mode}-{kind}", "path": str(root / kind), "mode": mode, "split": split}
              for kind in ("f32", "q4") for mode, split in (("tensor", None), ("expert", None), ("pipeline", [4, 2]))]
+    # per-rank copies (split-model): each rank loads from a folder holding only its share
+    for mode, split in (("tensor", None), ("pipeline", [4, 2])):
+        for r in range(2):
+            res = write_rank_subset(root / "q4", root / f"part-{mode}" / f"rank{r}", mode, 2, r, split=split)
+            assert res.nbytes < sum(f.stat().st_size for f in (root / "q4").glob("*.safetensors"))
+        cases.append({"name": f"part-{mode}", "path": str(root / f"part-{mode}") + "/rank{rank}", "mode": mode,
+                      "split": split})
+    cases.append({"name": "wrong-part", "path": str(root / "part-tensor" / "rank0"), "mode": "tensor"})
     out = _run(root, 2, cases)
+    msg = (out / "wrong-part.r1.err").read_text()
+    assert msg == "this folder is the copy for rank 0 of 2 with --parallel tensor; this is rank 1 of 2 with --parallel tensor"
     for kind in ("f32", "q4"):
         ref = _reference(root / kind)
         for mode, layout in (("tensor", Layout("tensor", 2)), ("expert", Layout("expert", 2, 8)),
                              ("pipeline", Layout("pipeline", 2, 8, (4, 2)))):
             _check_case(out, f"{mode}-{kind}", 2, ref, layout, root / kind)
+            if kind == "q4" and mode != "expert":
+                _check_case(out, f"part-{mode}", 2, ref, layout, root / kind)
     q4 = _reference(root / "q4")
     assert rel_err(q4["logits"], _reference(root / "f32")["logits"]) > 1e-3  # the 4-bit case is really quantized
 

@@ -19,6 +19,7 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("uvicorn")
 
 ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "step35_mlx" / "demo" / "model"
 ENV = {"PYTHONPATH": str(ROOT)}
 PROMPT = "What is a tuple?"
 
@@ -40,6 +41,15 @@ def test_generate_parallel_matches_one_process(tmp_path):
     assert (got["text"], got["reasoning"]) == (ref["text"], ref["reasoning"])
     assert got["stats"]["generation_tokens"] == 40
     assert ranks[1].stdout == ""  # only rank 0 prints
+    # per-rank copies: rank 1 started on rank 0's copy is refused, and rank 0 stops too instead of waiting
+    r = CliRunner().invoke(app, ["split-model", str(DEMO), "--out", str(tmp_path / "parts"), "--parallel", "expert",
+                                 "--ranks", "2"])
+    assert r.exit_code == 0 and "rank 1: " in r.stdout, r.output
+    bad = spawn_local(2, ["-m", "step35_mlx", *args, "--parallel", "expert", "--model", str(tmp_path / "parts" / "rank0")],
+                      tmp_path, env=ENV, timeout=180)
+    assert [r.returncode for r in bad] == [2, 2]
+    assert "error: rank 1 could not load its share" in bad[0].stderr
+    assert "error: this folder is the copy for rank 0 of 2 with --parallel expert; this is rank 1" in bad[1].stderr
     # without mlx.launch there is one rank: one red line, exit 2
     r = CliRunner().invoke(app, [*args, "--parallel", "expert"])
     assert r.exit_code == 2 and "error: --parallel needs several ranks" in r.output

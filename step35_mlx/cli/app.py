@@ -11,6 +11,7 @@ from .generate import generate
 from .info import info
 from .plan import PLAN_HELP, plan
 from .serve import serve
+from .split_model import split_model
 from .tune import tune
 
 app = typer.Typer(
@@ -43,3 +44,4 @@ app.command("quant-eval")(quant_eval_cmd)
 app.command("plan", help=PLAN_HELP)(plan)
 app.command("tune")(tune)
 app.command("info")(info)
+app.command("split-model")(split_model)

@@ -22,30 +22,28 @@ def load_parallel_for_cli(model: Optional[str], announce: Callable[[str], None],
     """This rank's share of ``model``; ranks other than 0 print nothing on stdout."""
     from mlx_lm.tokenizer_utils import load as load_tokenizer
 
-    from ..config import ModelConfig
     from ..distributed.runtime import ParallelSetupError, load_rank
     from ..generate import read_generation_config
-    from ..hub import ModelNotFoundError, resolve_model
-    from ..loader import CheckpointError
+    from ..hub import DEMO_DIR, resolve_model
 
-    from ..hub import DEMO_DIR
-
-    try:
+    def locate():
         path = resolve_model(model)
         if model is None:
             announce(f"No --model given: using the bundled demo model ({DEMO_DIR}). "
                      "Pass --model PATH|REPO to chat with Step 3.5 Flash.")
-        config = ModelConfig.from_file(path)
-        rank = load_rank(path, config, mode, split, mtp=mtp)
-        tokenizer = load_tokenizer(path, eos_token_ids=config.eos_token_id or None)
-        generation_config = read_generation_config(path, warn=announce)
-    except (ModelNotFoundError, ParallelSetupError) as e:
+        return path
+
+    try:
+        rank = load_rank(locate, mode, split, mtp=mtp)
+        tokenizer = load_tokenizer(rank.path, eos_token_ids=rank.config.eos_token_id or None)
+        generation_config = read_generation_config(rank.path, warn=announce)
+    except ParallelSetupError as e:
         fail(str(e))
-    except (CheckpointError, ValueError, OSError) as e:
-        fail(f"cannot load {path}: {e}")
+    except (ValueError, OSError) as e:
+        fail(f"cannot load {rank.path}: {e}")
     if rank.group.rank() != 0:
         sys.stdout = open(os.devnull, "w")
-    return LoadedModel(rank.model, tokenizer, path, generation_config, config.max_position_embeddings)
+    return LoadedModel(rank.model, tokenizer, rank.path, generation_config, rank.config.max_position_embeddings)
 
 
 def print_hosts_plan(config, hosts: str, recipe: Optional[str], context: int) -> None:

@@ -12,9 +12,8 @@ import re
 from dataclasses import dataclass
 
 from ..config import ModelConfig
-from ..plan import GiB, MachineMemory, mac_machine, plan_memory, verdict
+from ..plan import MachineMemory, mac_machine, plan_memory, verdict
 from ..quant.recipes import BYTES_PER, Recipe, effective_spec, expected_tensors, get_recipe, output_tensors, source_dtype_for
-from .pipeline import split_layers
 from .share import MODES, Layout, rank_bytes
 from .tensor import tensor_split_problems
 

@@ -24,7 +24,7 @@ from ..loader import CheckpointError, _cast, _quantization_predicate, hf_to_inte
 from ..model import Model
 from .expert import expert_range, shard_experts
 from .pipeline import shard_pipeline, split_layers
-from .share import MODES, Layout
+from .share import MODES, Layout, check_subset
 from .tensor import shard_tensor
 
 _LOCAL_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
@@ -95,6 +95,35 @@ def shard_model(model: Model, group: mx.distributed.Group, mode: str, split: lis
     return model
 
 
+def build_model(config: ModelConfig, index: dict[str, TensorRef], layout: Layout, group) -> tuple[Model, int]:
+    """The lazy (unloaded) model of one rank, quantized like the checkpoint, and its first trunk layer."""
+    model = Model(config)
+    quant = config.raw.get("quantization")
+    if quant:
+        nn.quantize(model, group_size=quant.get("group_size", 64), bits=quant.get("bits", 4),
+                    mode=quant.get("mode", "affine"), class_predicate=_quantization_predicate(quant, index))
+    model = shard_model(model, group, layout.mode, list(layout.counts) or None)
+    return model, (model.stage.first if layout.mode == "pipeline" else 0)
+
+
+def slice_for(name: str, param: mx.array, first: int, index: dict[str, TensorRef], layout: Layout,
+              rank: int) -> tuple[str, TensorRef, tuple[int, int, int] | None]:
+    """(checkpoint name, where it lies, ``(axis, start, length)`` or ``None`` for all of it) of one parameter."""
+    g = _global_name(name, first)
+    if g not in index:
+        raise CheckpointError(f"checkpoint does not match config.json: missing tensor {g}")
+    ref = index[g]
+    want = ref.info.shape
+    diff = [a for a in range(len(want)) if want[a] != param.shape[a]] if len(want) == param.ndim else [-1]
+    if len(diff) > 1 or (diff and want[diff[0]] < param.shape[diff[0]]):
+        raise CheckpointError(f"checkpoint does not match config.json: {g} is {list(want)}, "
+                              f"this rank expects a slice of shape {list(param.shape)}")
+    if not diff:
+        return g, ref, None
+    a = diff[0]
+    return g, ref, (a, _slice_start(layout, rank, param.shape[a]), param.shape[a])
+
+
 def _slice_start(layout: Layout, rank: int, axis_len: int) -> int:
     if layout.mode == "expert":
         return expert_range(layout.num_experts, layout.ranks, rank).start
@@ -119,30 +148,15 @@ def load_distributed(path: str | Path, mode: str, group: mx.distributed.Group, *
     if not mtp and config.num_nextn_predict_layers:
         config = dataclasses.replace(config, num_nextn_predict_layers=0)
     index = tensor_index(path, config, mtp)
-    model = Model(config)
-    quant = config.raw.get("quantization")
-    if quant:
-        nn.quantize(model, group_size=quant.get("group_size", 64), bits=quant.get("bits", 4),
-                    mode=quant.get("mode", "affine"), class_predicate=_quantization_predicate(quant, index))
-    model = shard_model(model, group, mode, split)
-    layout, rank = model.layout, group.rank()
-    first = model.stage.first if mode == "pipeline" else 0
+    n = group.size()
+    counts = tuple(split or split_layers(config.num_hidden_layers, [1.0] * n)) if mode == "pipeline" else ()
+    layout = Layout(mode, n, config.moe_num_experts, counts)
+    check_subset(config, layout, group.rank())
+    model, first = build_model(config, index, layout, group)
     weights = {}
     for name, param in tree_flatten(model.parameters()):
-        g = _global_name(name, first)
-        if g not in index:
-            raise CheckpointError(f"checkpoint does not match config.json: missing tensor {g}")
-        ref = index[g]
-        want = ref.info.shape
-        diff = [a for a in range(len(want)) if want[a] != param.shape[a]] if len(want) == param.ndim else [-1]
-        if len(diff) > 1 or (diff and want[diff[0]] < param.shape[diff[0]]):
-            raise CheckpointError(f"checkpoint does not match config.json: {g} is {list(want)}, "
-                                  f"this rank expects a slice of shape {list(param.shape)}")
-        if diff:
-            a = diff[0]
-            weights[name] = read_slice(ref, a, _slice_start(layout, rank, param.shape[a]), param.shape[a])
-        else:
-            weights[name] = read_slice(ref)
+        _, ref, sl = slice_for(name, param, first, index, layout, group.rank())
+        weights[name] = read_slice(ref, *sl) if sl else read_slice(ref)
     model.load_weights(list(_cast(weights, dtype).items()), strict=True)
     mx.eval(model.parameters())
     model.eval()

@@ -57,10 +57,14 @@ def main(spec_path: str) -> None:
     group = mx.distributed.init(strict=True, backend="ring")
     out = Path(spec["out"])
     for case in spec["cases"]:
+        model = None
         try:
-            model = load_distributed(case["path"], case["mode"], group, split=case.get("split"))
+            path = case["path"].format(rank=group.rank())  # "{rank}": a per-rank copy (split-model)
+            model = load_distributed(path, case["mode"], group, split=case.get("split"))
         except ValueError as e:
             (out / f"{case['name']}.r{group.rank()}.err").write_text(str(e))
+        failed = mx.distributed.all_sum(mx.array([int(model is None)]), group=group).item()
+        if failed:  # a rank that could not load: every rank skips the case
             continue
         np.savez(out / f"{case['name']}.r{group.rank()}.npz", **probe(model, spec["prompt"]))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import mlx.core as mx
 import numpy as np
@@ -13,7 +14,7 @@ from ..config import ModelConfig
 from ..plan import load_dtype_bytes, machine_memory
 from .loading import load_distributed, tensor_index, tensor_sizes
 from .pipeline import parse_split, split_layers
-from .share import MODES, Layout, rank_bytes
+from .share import MODES, SUBSET_KEY, Layout, rank_bytes
 
 
 class ParallelSetupError(ValueError):
@@ -25,14 +26,21 @@ class RankModel:
     model: object  # step35_mlx.Model (split)
     group: mx.distributed.Group
     weight_bytes: int  # the planned share of this rank
+    path: Path
+    config: ModelConfig
 
 
 def _gather_floats(value: float, group: mx.distributed.Group) -> list[float]:
     return [float(v) for v in mx.distributed.all_gather(mx.array([value], dtype=mx.float32), group=group).tolist()]
 
 
-def load_rank(path: Path, config: ModelConfig, mode: str, split: str | None, *, mtp: bool = True) -> RankModel:
-    """Join the ``mlx.launch`` group, check this rank's share fits its memory, and load it."""
+def load_rank(locate: Callable[[], Path], mode: str, split: str | None, *, mtp: bool = True) -> RankModel:
+    """Join the ``mlx.launch`` group, check this rank's share fits its memory, and load it.
+
+    ``locate`` finds the model folder on this host. Every rank learns whether all ranks
+    loaded: when one cannot (no folder, does not fit, wrong per-rank copy), all stop with an
+    error instead of waiting for it forever.
+    """
     if mode not in MODES:
         raise ParallelSetupError(f"--parallel {mode!r}: choose one of {', '.join(MODES)}")
     group = mx.distributed.init()
@@ -41,26 +49,45 @@ def load_rank(path: Path, config: ModelConfig, mode: str, split: str | None, *, 
         raise ParallelSetupError("--parallel needs several ranks: start the command with "
                                  "`mlx.launch --hostfile hosts.json -- step35-mlx ...` (see README, Several Macs)")
     machine = machine_memory()
-    counts: tuple[int, ...] = ()
-    if mode == "pipeline":
-        if split in (None, "auto"):
-            counts = tuple(split_layers(config.num_hidden_layers, _gather_floats(machine.gpu_limit / 1e9, group)))
-        else:
-            try:
-                counts = tuple(parse_split(split, config.num_hidden_layers, n))
-            except ValueError as e:
-                raise ParallelSetupError(str(e)) from None
-    elif split is not None:
-        raise ParallelSetupError("--split applies to --parallel pipeline only")
-    layout = Layout(mode, n, config.moe_num_experts, counts)
-    need = rank_bytes(tensor_sizes(tensor_index(path, config, mtp)), layout, group.rank(), load_dtype_bytes())
-    if need > machine.gpu_limit:
-        raise ParallelSetupError(
-            f"rank {group.rank()} ({machine.name}) needs {need / 1e9:.1f} GB of weights for --parallel {mode} but "
-            f"may use {machine.gpu_limit / 1e9:.1f} GB; `step35-mlx plan --hosts ...` shows what fits")
-    model = load_distributed(path, mode, group, split=list(counts) or None, mtp=mtp)
+    limits = _gather_floats(machine.gpu_limit / 1e9, group)
+    error: Exception | None = None
+    try:
+        path = locate()
+        config = ModelConfig.from_file(path)
+        counts = _stage_counts(config, mode, split, n, limits)
+        layout = Layout(mode, n, config.moe_num_experts, counts)
+        sizes = tensor_sizes(tensor_index(path, config, mtp))
+        whole = config.raw.get(SUBSET_KEY) is not None  # a per-rank copy holds exactly this rank's share
+        need = rank_bytes(sizes, Layout("tensor", 1) if whole else layout, 0 if whole else group.rank(),
+                          load_dtype_bytes())
+        if need > machine.gpu_limit:
+            raise ParallelSetupError(
+                f"rank {group.rank()} ({machine.name}) needs {need / 1e9:.1f} GB of weights for --parallel {mode} "
+                f"but may use {machine.gpu_limit / 1e9:.1f} GB; `step35-mlx plan --hosts ...` shows what fits")
+        model = load_distributed(path, mode, group, split=list(counts) or None, mtp=mtp)
+    except (ValueError, OSError) as e:  # CheckpointError and the hub's errors are ValueErrors or OSErrors
+        error = e
+    failed = [int(v) for v in _gather_floats(float(error is not None), group)]
+    if error is not None:
+        raise ParallelSetupError(str(error)) from None
+    if any(failed):
+        bad = ", ".join(str(r) for r, f in enumerate(failed) if f)
+        raise ParallelSetupError(f"rank {bad} could not load its share (its error is in its own output); stopping")
     atexit.register(barrier, group)
-    return RankModel(model, group, need)
+    return RankModel(model, group, need, path, config)
+
+
+def _stage_counts(config: ModelConfig, mode: str, split: str | None, n: int, limits: list[float]) -> tuple[int, ...]:
+    if mode != "pipeline":
+        if split is not None:
+            raise ParallelSetupError("--split applies to --parallel pipeline only")
+        return ()
+    if split in (None, "auto"):
+        return tuple(split_layers(config.num_hidden_layers, limits))
+    try:
+        return tuple(parse_split(split, config.num_hidden_layers, n))
+    except ValueError as e:
+        raise ParallelSetupError(str(e)) from None
 
 
 def barrier(group: mx.distributed.Group) -> None:

@@ -16,6 +16,7 @@ _TP_SPLIT = re.compile(r"\.(self_attn\.[qkvgo]_proj|mlp\.\w+_proj|share_expert\.
 _EXPERTS = re.compile(r"\.moe\.(gate|up|down)_proj\.")
 _TRUNK = re.compile(r"^model\.layers\.(\d+)\.")
 _FP32_SUFFIXES = (".router_bias", ".moe.gate.weight")
+SUBSET_KEY = "step35_mlx_rank_subset"  # config.json of a per-rank copy (distributed.subset)
 
 
 @dataclass(frozen=True)
@@ -64,3 +65,15 @@ def rank_bytes(tensors: dict[str, tuple[tuple[int, ...], int, bool]], layout: La
             n *= d
         total += round(n * layout.fraction(name, rank)) * loaded_itemsize(name, itemsize, floating, load_itemsize)
     return total
+
+
+def check_subset(config, layout: Layout, rank: int) -> None:
+    """Refuse a per-rank copy cut for another layout or rank."""
+    cut = config.raw.get(SUBSET_KEY)
+    if cut is None:
+        return
+    want = {"mode": layout.mode, "ranks": layout.ranks, "rank": rank, "split": list(layout.counts)}
+    if cut != want:
+        raise ValueError(f"this folder is the copy for rank {cut['rank']} of {cut['ranks']} with --parallel "
+                         f"{cut['mode']}" + (f" --split {','.join(map(str, cut['split']))}" if cut["split"] else "")
+                         + f"; this is rank {rank} of {layout.ranks} with --parallel {layout.mode}")
