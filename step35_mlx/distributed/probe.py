@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import resource
+import socket
+import struct
 import sys
 import time
 from pathlib import Path
@@ -21,6 +25,7 @@ import numpy as np
 from ..generate import ar_tokens
 from ..sampling import SamplingParams
 from ..speculative import speculative_tokens
+from ..loader import load_model
 from .loading import load_distributed, param_bytes
 
 
@@ -52,10 +57,58 @@ def probe(model, prompt: list[int], n_tokens: int = 10, chunk: int = 5, seed: in
     return res
 
 
+def tcp_bytes_sent() -> int | None:
+    """Bytes this process's TCP sockets have had acknowledged (Linux ``TCP_INFO``); ``None`` elsewhere."""
+    if sys.platform != "linux":
+        return None
+    total = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if not os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
+                continue
+            with socket.socket(fileno=os.dup(int(fd))) as s:
+                if s.type != socket.SOCK_STREAM or s.family not in (socket.AF_INET, socket.AF_INET6):
+                    continue
+                info = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+        except OSError:
+            continue
+        if len(info) >= 128:
+            total += struct.unpack_from("Q", info, 120)[0]  # tcpi_bytes_acked
+    return total
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes (Linux: ``VmHWM``, which unlike ``ru_maxrss``
+    does not start from the parent's peak after fork + exec)."""
+    if sys.platform == "linux":
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def decode_bytes(model, prompt: list[int], short: int = 4, long: int = 12) -> float:
+    """TCP bytes sent per decoded token: the difference between a long and a short greedy run."""
+    toks = mx.array(prompt, dtype=mx.int32)
+    sent = []
+    for n in (short, long):
+        before = tcp_bytes_sent()
+        _take(ar_tokens(model, model.make_cache(), toks, SamplingParams(temperature=0)), n)
+        mx.synchronize()
+        sent.append(tcp_bytes_sent() - before)
+    return (sent[1] - sent[0]) / (long - short)
+
+
 def main(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
-    group = mx.distributed.init(strict=True, backend="ring")
     out = Path(spec["out"])
+    base = peak_rss()
+    if spec.get("single"):  # the one-process reference of the benchmark
+        res = probe(load_model(spec["cases"][0]["path"]), spec["prompt"])
+        res["peak_rss"], res["base_rss"] = np.array(peak_rss()), np.array(base)
+        np.savez(out / "single.npz", **res)
+        return
+    group = mx.distributed.init(strict=True, backend="ring")
     for case in spec["cases"]:
         model = None
         try:
@@ -66,7 +119,11 @@ def main(spec_path: str) -> None:
         failed = mx.distributed.all_sum(mx.array([int(model is None)]), group=group).item()
         if failed:  # a rank that could not load: every rank skips the case
             continue
-        np.savez(out / f"{case['name']}.r{group.rank()}.npz", **probe(model, spec["prompt"]))
+        res = probe(model, spec["prompt"])
+        res["peak_rss"], res["base_rss"] = np.array(peak_rss()), np.array(base)
+        if spec.get("measure_bytes"):
+            res["decode_bytes"] = np.array(decode_bytes(model, spec["prompt"]))
+        np.savez(out / f"{case['name']}.r{group.rank()}.npz", **res)
 
 
 if __name__ == "__main__":
