@@ -150,3 +150,36 @@ def test_split_arithmetic():
     assert rank_bytes(sizes, Layout("expert", 5, 288), 4) == 57 * 1280 * 4096 * 2 + 8192 * 4096 * 2 + 4096 * 4
     assert rank_bytes(sizes, Layout("tensor", 2), 1) == (288 * 1280 * 4096 + 8192 * 4096) + 4096 * 4
     assert rank_bytes(sizes, Layout("pipeline", 2, counts=(3, 42)), 0) == 0
+
+
+def test_plan_hosts_command_and_its_arithmetic():
+    from typer.testing import CliRunner
+
+    from step35_mlx.cli import app
+    from step35_mlx.distributed.hostplan import recipe_tensor_sizes
+    from step35_mlx.plan import weight_sizes
+    from step35_mlx.quant.recipes import get_recipe
+
+    cfg = ModelConfig.from_dict(step3p5_flash_config())
+    sizes = recipe_tensor_sizes(cfg, get_recipe("q4"))
+    # one rank holds what the single-Mac planner counts (router and norms upcast to float32 included);
+    # two pipeline stages hold it all once, plus the shared tensors twice
+    single = weight_sizes(cfg, "q4")
+    assert rank_bytes(sizes, Layout("tensor", 1), 0) == single.trunk + single.mtp
+    whole = rank_bytes(sizes, Layout("tensor", 1), 0)
+    stage = [rank_bytes(sizes, Layout("pipeline", 2, counts=(24, 21)), r) for r in range(2)]
+    shared = sum(n for n in (rank_bytes({k: v}, Layout("tensor", 1), 0) for k, v in sizes.items()
+                             if not k.startswith("model.layers.")))
+    assert sum(stage) == whole + shared
+    r = CliRunner().invoke(app, ["plan", "--hosts", "128GB,64GB", "--recipe", "q4"])
+    assert r.exit_code == 0, r.output
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("2 Macs: 128 GB, 64 GB; context 32,768 tokens")
+    assert any(l.split() == ["q4", "pipeline", "80.7", "37.8", "fits", "split", "32,13"] for l in lines), r.stdout
+    assert any(l.split() == ["q4", "expert", "61.8", "61.8!", "does", "not", "fit"] for l in lines), r.stdout
+    assert ("mlx.launch --hostfile hosts.json --backend ring -- step35-mlx chat --model ~/models/step35-q4 "
+            "--parallel pipeline --split 32,13") in r.stdout
+    r = CliRunner().invoke(app, ["plan", "--hosts", "2x64GB", "--recipe", "q4"])
+    assert any(l.split() == ["q4", "tensor", "59.2*", "59.2*", "fits"] for l in r.stdout.splitlines()), r.stdout
+    r = CliRunner().invoke(app, ["plan", "--hosts", "64GB"])
+    assert r.exit_code == 2 and "error: --hosts '64GB': name at least two Macs (e.g. 2x64GB)" in r.output

@@ -69,7 +69,7 @@ def print_hosts_plan(config, hosts: str, recipe: Optional[str], context: int) ->
             split = f" split {','.join(map(str, p.counts))}" if p.counts else ""
             typer.echo(f"  {r:9s} {p.mode:9s} {' '.join(cells)}   {status}{split}")
             if p.fits:
-                typer.echo(f"      {launch_line(p.mode, len(sizes), p.counts).replace('step35-q4', f'step35-{r}')}")
+                typer.echo(f"      {launch_line(p.mode, p.counts, f'~/models/step35-{r}')}")
     typer.echo("(* = after raising the GPU wired limit on that Mac: sudo sysctl iogpu.wired_limit_mb=<RAM minus 8 GB>; "
                "! = does not fit that Mac)")
 

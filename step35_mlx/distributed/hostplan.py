@@ -151,7 +151,7 @@ def release_tensor_problems(config: ModelConfig, recipe: str, ranks: int) -> lis
     return [f"{p.where}: {p.what}" for p in tensor_split_problems(model, ranks)]
 
 
-def launch_line(mode: str, hosts: int, counts: tuple[int, ...] = ()) -> str:
+def launch_line(mode: str, counts: tuple[int, ...] = (), model: str = "~/models/step35-q4") -> str:
+    """The command that runs ``mode`` on the Macs of ``hosts.json``."""
     split = f" --split {','.join(map(str, counts))}" if mode == "pipeline" and counts else ""
-    return (f"mlx.launch --hostfile hosts.json --backend ring -n {hosts} -- "
-            f"step35-mlx generate --model ~/models/step35-q4 --parallel {mode}{split} -p \"Hello\"")
+    return f"mlx.launch --hostfile hosts.json --backend ring -- step35-mlx chat --model {model} --parallel {mode}{split}"
