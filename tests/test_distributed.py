@@ -19,6 +19,7 @@ from step35_mlx.convert import quantize as conv
 from step35_mlx.convert.dryrun import step3p5_flash_config
 from step35_mlx.distributed import (Layout, check_tensor_split, expert_range, parse_split, rank_bytes, split_layers,
                                     tensor_rank_counts)
+from step35_mlx.distributed.pipeline import split_by_memory
 from step35_mlx.distributed.launch import spawn_local
 from step35_mlx.distributed.loading import tensor_index, tensor_sizes
 from step35_mlx.distributed.probe import probe
@@ -139,6 +140,9 @@ def test_split_arithmetic():
     assert split_layers(45, [1, 1]) == [23, 22]
     assert split_layers(6, [100, 1, 1]) == [4, 1, 1]
     assert parse_split("30,15", 45, 2) == [30, 15]
+    assert split_by_memory([10] * 6, [2e9, 1e9]) == [4, 2]
+    assert split_by_memory([1, 1, 10, 10], [1e9, 1e9]) == [3, 1]  # cheap dense layers go together
+    assert split_by_memory([5] * 6, [3e9, 2e9], shared=1e9) == [4, 2]  # room 2 : 1 once the shared part is held
     for bad, why in (("30,14", "sum to 45"), ("45", "1 stages but there are 2"), ("a,b", "comma-separated")):
         with pytest.raises(ValueError, match=why):
             parse_split(bad, 45, 2)

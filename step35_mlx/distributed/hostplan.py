@@ -3,7 +3,7 @@
 Weights per rank come from the recipe's exact tensor sizes split by ``share.Layout``; the KV
 cache, activations and overhead from ``plan.plan_memory`` (tensor parallelism divides the KV
 heads, pipeline gives each stage its layers' caches, expert parallelism keeps all of it).
-Pipeline stages get layers in proportion to each Mac's usable memory.
+Pipeline stages get layers in proportion to each Mac's room (usable memory minus what every rank holds).
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from ..config import ModelConfig
 from ..plan import MachineMemory, mac_machine, plan_memory, verdict
 from ..quant.recipes import BYTES_PER, Recipe, effective_spec, expected_tensors, get_recipe, output_tensors, source_dtype_for
-from .share import MODES, Layout, rank_bytes
+from .pipeline import split_by_memory
+from .share import MODES, Layout, layer_bytes, rank_bytes
 from .tensor import tensor_split_problems
 
 _HOSTS = re.compile(r"^(?:(\d+)\s*x\s*)?(\d+(?:\.\d+)?)\s*(?:GB|G|GiB)?$", re.IGNORECASE)
@@ -76,7 +77,8 @@ def plan_hosts(config: ModelConfig, hosts_gb: list[float], *, recipe: str = "q4"
     hosts = [mac_machine(gb) for gb in hosts_gb]
     n = len(hosts)
     other = base.activations + base.overhead
-    counts = _balanced_split(config, sizes, hosts, base.kv + other)
+    per_layer, shared = layer_bytes(sizes, config.num_hidden_layers)
+    counts = tuple(split_by_memory(per_layer, [h.raise_target or h.gpu_limit for h in hosts], shared + other))
     plans = []
     for mode in MODES:
         layout = Layout(mode, n, config.moe_num_experts, counts if mode == "pipeline" else ())
@@ -95,36 +97,6 @@ def plan_hosts(config: ModelConfig, hosts_gb: list[float], *, recipe: str = "q4"
             problem = tensor_problems[0]
         plans.append(ModePlan(mode, ranks, counts if mode == "pipeline" else (), problem))
     return plans
-
-
-def _balanced_split(config: ModelConfig, sizes: dict, hosts: list[MachineMemory], extra: int) -> tuple[int, ...]:
-    """Layers per stage so that the fullest Mac is as little full as possible (memory after raising its limit)."""
-    L, n = config.num_hidden_layers, len(hosts)
-    per_layer = [0] * L
-    fixed = 0
-    for name, (shape, itemsize, _) in sizes.items():
-        b = itemsize
-        for d in shape:
-            b *= d
-        m = re.match(r"^model\.layers\.(\d+)\.", name)
-        if m:
-            per_layer[int(m.group(1))] += b
-        else:
-            fixed += b
-    cap = [h.raise_target or h.gpu_limit for h in hosts]
-    # Greedy from the front: each stage takes layers while its share of the remaining room allows.
-    counts, first = [], 0
-    for i in range(n):
-        room_left = sum(cap[i:])
-        rest = sum(per_layer[first:])
-        budget = rest * cap[i] / room_left
-        c, acc = 0, 0
-        while first + c < L - (n - i - 1) and (c == 0 or acc + per_layer[first + c] / 2 <= budget or i == n - 1):
-            acc += per_layer[first + c]
-            c += 1
-        counts.append(c)
-        first += c
-    return tuple(counts)
 
 
 def _stage(counts: tuple[int, ...], i: int) -> tuple[int, int]:

@@ -45,6 +45,28 @@ def split_layers(num_layers: int, weights: list[float]) -> list[int]:
     return counts
 
 
+def split_by_memory(layer_bytes: list[int], capacity: list[float], shared: int = 0) -> list[int]:
+    """Contiguous stages whose layer bytes follow each rank's room (``capacity`` minus the ``shared``
+    bytes every rank holds): stage i ends at the layer where the running total comes closest to its
+    cumulative share. At least one layer per stage."""
+    n, L = len(capacity), len(layer_bytes)
+    if n > L:
+        raise ValueError(f"{n} pipeline stages for {L} layers: at most one stage per layer")
+    room = [max(c - shared, 1.0) for c in capacity]
+    total, cum, counts, first = sum(layer_bytes), 0.0, [], 0
+    for i in range(n - 1):
+        target = total * sum(room[: i + 1]) / sum(room)
+        last = first + 1  # this stage ends before layer `last`
+        acc = cum + layer_bytes[first]
+        while last < L - (n - 1 - i) and abs(acc + layer_bytes[last] - target) <= abs(acc - target):
+            acc += layer_bytes[last]
+            last += 1
+        counts.append(last - first)
+        cum, first = acc, last
+    counts.append(L - first)
+    return counts
+
+
 def parse_split(text: str, num_layers: int, ranks: int) -> list[int]:
     """``"30,15"`` -> ``[30, 15]``; checks one positive count per rank summing to ``num_layers``."""
     try:

@@ -13,8 +13,8 @@ import numpy as np
 from ..config import ModelConfig
 from ..plan import load_dtype_bytes, machine_memory
 from .loading import load_distributed, tensor_index, tensor_sizes
-from .pipeline import parse_split, split_layers
-from .share import MODES, SUBSET_KEY, Layout, rank_bytes
+from .pipeline import parse_split, split_by_memory
+from .share import MODES, SUBSET_KEY, Layout, layer_bytes, rank_bytes
 
 
 class ParallelSetupError(ValueError):
@@ -54,9 +54,9 @@ def load_rank(locate: Callable[[], Path], mode: str, split: str | None, *, mtp: 
     try:
         path = locate()
         config = ModelConfig.from_file(path)
-        counts = _stage_counts(config, mode, split, n, limits)
-        layout = Layout(mode, n, config.moe_num_experts, counts)
         sizes = tensor_sizes(tensor_index(path, config, mtp))
+        counts = _stage_counts(config, mode, split, n, limits, sizes)
+        layout = Layout(mode, n, config.moe_num_experts, counts)
         whole = config.raw.get(SUBSET_KEY) is not None  # a per-rank copy holds exactly this rank's share
         need = rank_bytes(sizes, Layout("tensor", 1) if whole else layout, 0 if whole else group.rank(),
                           load_dtype_bytes())
@@ -77,13 +77,15 @@ def load_rank(locate: Callable[[], Path], mode: str, split: str | None, *, mtp: 
     return RankModel(model, group, need, path, config)
 
 
-def _stage_counts(config: ModelConfig, mode: str, split: str | None, n: int, limits: list[float]) -> tuple[int, ...]:
+def _stage_counts(config: ModelConfig, mode: str, split: str | None, n: int, limits: list[float],
+                  sizes: dict) -> tuple[int, ...]:
     if mode != "pipeline":
         if split is not None:
             raise ParallelSetupError("--split applies to --parallel pipeline only")
         return ()
-    if split in (None, "auto"):
-        return tuple(split_layers(config.num_hidden_layers, limits))
+    if split in (None, "auto"):  # by each rank's GPU memory limit, minus what every rank holds
+        per_layer, shared = layer_bytes(sizes, config.num_hidden_layers, load_dtype_bytes())
+        return tuple(split_by_memory(per_layer, [gb * 1e9 for gb in limits], shared))
     try:
         return tuple(parse_split(split, config.num_hidden_layers, n))
     except ValueError as e:

@@ -77,3 +77,19 @@ def check_subset(config, layout: Layout, rank: int) -> None:
         raise ValueError(f"this folder is the copy for rank {cut['rank']} of {cut['ranks']} with --parallel "
                          f"{cut['mode']}" + (f" --split {','.join(map(str, cut['split']))}" if cut["split"] else "")
                          + f"; this is rank {rank} of {layout.ranks} with --parallel {layout.mode}")
+
+
+def layer_bytes(tensors: dict[str, tuple[tuple[int, ...], int, bool]], num_layers: int,
+                load_itemsize: int | None = None) -> tuple[list[int], int]:
+    """(bytes of each trunk layer, bytes of everything else) once loaded."""
+    per_layer, other = [0] * num_layers, 0
+    for name, (shape, itemsize, floating) in tensors.items():
+        n = loaded_itemsize(name, itemsize, floating, load_itemsize)
+        for d in shape:
+            n *= d
+        m = _TRUNK.match(name)
+        if m:
+            per_layer[int(m.group(1))] += n
+        else:
+            other += n
+    return per_layer, other
