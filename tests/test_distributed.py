@@ -88,6 +88,8 @@ def test_two_ranks_every_mode_float_and_4bit(checkpoints):
         cases.append({"name": f"part-{mode}", "path": str(root / f"part-{mode}") + "/rank{rank}", "mode": mode,
                       "split": split})
     cases.append({"name": "wrong-part", "path": str(root / "part-tensor" / "rank0"), "mode": "tensor"})
+    for mode, split in (("tensor", None), ("expert", None), ("pipeline", [2, 4])):  # Model.shard on a loaded model
+        cases.append({"name": f"mem-{mode}", "path": str(root / "f32"), "mode": mode, "split": split, "in_memory": True})
     out = _run(root, 2, cases)
     msg = (out / "wrong-part.r1.err").read_text()
     assert msg == "this folder is the copy for rank 0 of 2 with --parallel tensor; this is rank 1 of 2 with --parallel tensor"
@@ -98,6 +100,9 @@ def test_two_ranks_every_mode_float_and_4bit(checkpoints):
             _check_case(out, f"{mode}-{kind}", 2, ref, layout, root / kind)
             if kind == "q4" and mode != "expert":
                 _check_case(out, f"part-{mode}", 2, ref, layout, root / kind)
+            if kind == "f32":
+                mem = layout if mode != "pipeline" else Layout("pipeline", 2, 8, (2, 4))
+                _check_case(out, f"mem-{mode}", 2, ref, mem, root / kind)
     q4 = _reference(root / "q4")
     assert rel_err(q4["logits"], _reference(root / "f32")["logits"]) > 1e-3  # the 4-bit case is really quantized
 

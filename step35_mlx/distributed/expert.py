@@ -35,7 +35,8 @@ class ExpertShardedMoE(nn.Module):
         self.router_bias = moe.router_bias
         for name in ("gate_proj", "up_proj", "down_proj"):
             proj = getattr(moe, name)
-            proj.update(tree_map(lambda w: w[held.start:held.stop], proj.parameters()))
+            # contiguous: a copy, so a model split in memory frees the experts it no longer holds
+            proj.update(tree_map(lambda w: mx.contiguous(w[held.start:held.stop]), proj.parameters()))
             setattr(self, name, proj)
         self.observer = None
         self._start, self._count, self._group = held.start, len(held), group

@@ -113,7 +113,10 @@ def main(spec_path: str) -> None:
         model = None
         try:
             path = case["path"].format(rank=group.rank())  # "{rank}": a per-rank copy (split-model)
-            model = load_distributed(path, case["mode"], group, split=case.get("split"))
+            if case.get("in_memory"):  # the whole model loaded, then Model.shard
+                model = load_model(path).shard(group, case["mode"], case.get("split"))
+            else:
+                model = load_distributed(path, case["mode"], group, split=case.get("split"))
         except ValueError as e:
             (out / f"{case['name']}.r{group.rank()}.err").write_text(str(e))
         failed = mx.distributed.all_sum(mx.array([int(model is None)]), group=group).item()
