@@ -1,6 +1,7 @@
-"""Load Step 3.5 Flash from a Hugging Face checkpoint folder or from an MLX folder our converter wrote.
+"""Load Step 3.5 Flash from a Hugging Face checkpoint folder, an MLX folder our converter wrote,
+or an mlx-lm / mlx-community conversion (read as is, see ``mlx_lm_format``).
 
-Both formats go through one path: read the (sharded) safetensors lazily, map key
+All formats go through one path: read the (sharded) safetensors lazily, map key
 names (``hf_to_internal``), quantize the modules the config's ``quantization``
 block names, check coverage strictly, then load. Norm weights are never shifted
 here: they stay zero-centred and ``ZeroCenteredRMSNorm`` adds the 1.
@@ -11,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,20 +20,18 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .config import ModelConfig
+from .errors import CheckpointError
 from .model import Model
+from .mlx_lm_format import FolderFormat, read_folder
 
 INDEX_FILE = "model.safetensors.index.json"
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
 _STEP37_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
                     ("language_model.lm_head.", "lm_head."), ("language_model.", ""))
 _VISION_PREFIXES = ("model.vision_model.", "model.vit_large_projector.", "vision_model.", "vit_large_projector.")
-# Tensors kept in float32 whatever the load dtype: selection-only bias and the fp32 router.
-_FP32_SUFFIXES = (".router_bias", ".moe.gate.weight")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint on disk does not match what the config says it should hold."""
+# Tensors kept in float32 whatever the load dtype: selection-only bias and the fp32 router
+# (a quantized router's scales and biases too, so routing stays float32 arithmetic).
+FP32_SUFFIXES = (".router_bias", ".moe.gate.weight", ".moe.gate.scales", ".moe.gate.biases")
 
 
 def hf_to_internal(key: str, num_hidden_layers: int) -> str | None:
@@ -143,7 +143,7 @@ def _cast(weights: dict[str, mx.array], dtype: mx.Dtype | None) -> dict[str, mx.
     for k, v in weights.items():
         if not mx.issubdtype(v.dtype, mx.floating):
             out[k] = v
-        elif k.endswith(_FP32_SUFFIXES) or (k.endswith(".weight") and "norm" in k.rsplit(".", 2)[-2]):
+        elif k.endswith(FP32_SUFFIXES) or (k.endswith(".weight") and "norm" in k.rsplit(".", 2)[-2]):
             out[k] = v.astype(mx.float32)
         elif dtype is not None:
             out[k] = v.astype(dtype)
@@ -153,15 +153,15 @@ def _cast(weights: dict[str, mx.array], dtype: mx.Dtype | None) -> dict[str, mx.
 
 
 def load_model(path: str | Path, dtype: mx.Dtype | None = None, *, mtp: bool = True,
-               config: ModelConfig | None = None) -> Model:
+               folder_format: FolderFormat | None = None) -> Model:
     """Build the model from ``config.json`` and load every tensor (trunk, head and MTP layers).
 
     ``dtype`` casts floating weights (quantization scales and biases included), which sets
     the activation dtype. ``None`` keeps the checkpoint's (bf16) on a GPU and uses float32 on
     the CPU device, where MLX's bf16 kernels run about 10x slower. Norms, the router and
     ``router_bias`` stay float32. ``mtp=False`` leaves the MTP modules out (their tensors
-    are never read), saving their memory. ``config``: the folder's parsed config.json when the
-    caller already has it. Raises ``CheckpointError`` naming any missing, unexpected or wrongly
+    are never read), saving their memory. ``folder_format``: the folder's
+    :func:`~step35_mlx.mlx_lm_format.read_folder` reading when the caller already has it. Raises ``CheckpointError`` naming any missing, unexpected or wrongly
     shaped tensor.
     """
     path = Path(path)
@@ -169,15 +169,13 @@ def load_model(path: str | Path, dtype: mx.Dtype | None = None, *, mtp: bool = T
         dtype = mx.float32
     if not path.is_dir():
         raise FileNotFoundError(f"model folder {path} does not exist")
-    config = config or ModelConfig.from_file(path)
+    folder = folder_format or read_folder(path)  # an mlx-lm conversion gets its real MTP count and our names
+    config = folder.config
     if not mtp and config.num_nextn_predict_layers:
         config = dataclasses.replace(config, num_nextn_predict_layers=0)
     raw = read_weights(path)
-    if any(".switch_mlp." in k for k in raw):
-        raise CheckpointError(
-            f"{path} is an mlx-lm conversion (experts under 'switch_mlp', norms pre-shifted, MTP dropped); "
-            "convert the original Hugging Face checkpoint with `step35-mlx convert` instead"
-        )
+    if folder.mlx_lm is not None:
+        raw = folder.mlx_lm.to_checkpoint(raw)
     weights: dict[str, mx.array] = {}
     for k, v in raw.items():
         name = hf_to_internal(k, config.num_hidden_layers)
@@ -198,11 +196,14 @@ def load_model(path: str | Path, dtype: mx.Dtype | None = None, *, mtp: bool = T
     mx.eval(model.parameters())
     model.eval()
     model.source_path = path
+    model.load_notice = folder.mlx_lm.notice() if folder.mlx_lm is not None else None
+    if model.load_notice:
+        print(model.load_notice, file=sys.stderr)
     return model
 
 
 def load(path: str | Path, dtype: mx.Dtype | None = None, *, mtp: bool = True,
-         config: ModelConfig | None = None) -> tuple[Model, Any]:
+         folder_format: FolderFormat | None = None) -> tuple[Model, Any]:
     """``(model, tokenizer)`` from a checkpoint folder with tokenizer files, ``"demo"`` or a Hub repo id.
 
     The tokenizer is mlx-lm's ``TokenizerWrapper`` (streaming detokenizer included),
@@ -213,8 +214,27 @@ def load(path: str | Path, dtype: mx.Dtype | None = None, *, mtp: bool = True,
     from .hub import resolve_model
 
     path = resolve_model(path) if isinstance(path, str) else Path(path)
-    model = load_model(path, dtype, mtp=mtp, config=config)
+    model = load_model(path, dtype, mtp=mtp, folder_format=folder_format)
     if not (path / "tokenizer.json").exists() and not (path / "tokenizer.model").exists():
         raise FileNotFoundError(f"{path} has no tokenizer files (tokenizer.json / tokenizer.model)")
     tokenizer = load_tokenizer(path, eos_token_ids=model.config.eos_token_id or None)
+    check_tokenizer(tokenizer, model.config.vocab_size)
     return model, tokenizer
+
+
+def check_tokenizer(tokenizer: Any, vocab_size: int) -> None:
+    """``CheckpointError`` when the tokenizer can produce ids the model has no embedding for, or when
+    the chat template does not render (a syntax error would otherwise surface at the first message)."""
+    ids = tokenizer.get_vocab().values()
+    largest = max(ids, default=-1)
+    if largest >= vocab_size:
+        raise CheckpointError(
+            f"the tokenizer has token id {largest} but the model's vocab_size is {vocab_size}; "
+            "the tokenizer files belong to another model"
+        )
+    if getattr(tokenizer, "chat_template", None):
+        try:
+            tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True)
+        except Exception as e:  # noqa: BLE001 - jinja2 raises its own error types
+            where = f" (line {e.lineno})" if getattr(e, "lineno", None) else ""
+            raise CheckpointError(f"the chat template cannot be used{where}: {e}") from None

@@ -83,6 +83,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .config import ModelConfig
+from .mlx_lm_format import FolderFormat, read_folder
 
 GB = 10**9
 GiB = 1 << 30
@@ -229,8 +230,10 @@ def _in_memory(name: str, shape, dtype: str, nbytes: int, dtype_bytes: int | Non
     """(bytes once loaded, of which float32 upcast) for one stored tensor, following ``loader._cast``:
     norms and ``moe.gate.weight`` become float32, ``router_bias`` stays float32, other floating
     tensors take ``dtype_bytes`` when given."""
+    from .loader import FP32_SUFFIXES
+
     n = math.prod(int(d) for d in shape)
-    fp32 = name.endswith((".router_bias", ".moe.gate.weight")) or (
+    fp32 = name.endswith(FP32_SUFFIXES) or (
         name.endswith(".weight") and "norm" in name.rsplit(".", 2)[-2])
     if dtype not in ("F32", "F16", "BF16"):
         return nbytes, 0
@@ -242,7 +245,7 @@ def _in_memory(name: str, shape, dtype: str, nbytes: int, dtype_bytes: int | Non
 
 
 def folder_weight_sizes(path: str | Path, dtype_bytes: int | None = None, *,
-                        config: ModelConfig | None = None) -> WeightSizes:
+                        folder_format: FolderFormat | None = None) -> WeightSizes:
     """Weight bytes of a checkpoint folder once loaded, from its safetensors headers.
 
     ``dtype_bytes``: the float width the loader casts to (``load_model(dtype=...)``, see
@@ -251,17 +254,21 @@ def folder_weight_sizes(path: str | Path, dtype_bytes: int | None = None, *,
     """
     from .safetensors_io import SafetensorsFile
     from .loader import hf_to_internal
+    from .mlx_lm_format import original_name
 
     path = Path(path)
-    cfg = config or ModelConfig.from_file(path)
+    folder = folder_format or read_folder(path)
+    cfg = folder.config
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors files in {path}")
+    restore = folder.mlx_lm.restore_file if folder.mlx_lm else None
+    replaced = set(SafetensorsFile(restore).tensors) if restore else set()  # float routers, exact norms
     trunk = mtp = upcast = 0
-    for f in files:
+    for f in files + ([restore] if restore else []):
         for info in SafetensorsFile(f).tensors.values():
-            name = hf_to_internal(info.name, cfg.num_hidden_layers)
-            if name is None:
+            name = hf_to_internal(original_name(info.name) if folder.mlx_lm else info.name, cfg.num_hidden_layers)
+            if name is None or (f != restore and name.rsplit(".", 1)[0] + ".weight" in replaced):
                 continue
             n, extra = _in_memory(name, info.shape, info.dtype, info.nbytes, dtype_bytes)
             upcast += extra
@@ -270,6 +277,9 @@ def folder_weight_sizes(path: str | Path, dtype_bytes: int | None = None, *,
             else:
                 trunk += n
     recipe = (cfg.raw.get("step35_mlx") or {}).get("recipe")
+    if recipe is None and folder.mlx_lm:
+        recipe = "mlx-lm " + ("/".join(map(str, folder.mlx_lm.weight_bits)) + "-bit" if folder.mlx_lm.weight_bits
+                              else "float")
     if recipe is None:
         recipe = "quantized" if cfg.raw.get("quantization") else "float"
     return WeightSizes(trunk, mtp, f"{recipe} ({path.name})", recipe, upcast, measured=True)
@@ -900,7 +910,7 @@ def preflight(path: str | Path, *, context: int | None = None, kv_bits: int | No
               kv_group_size: int | None = None, mtp: bool = True, prefill_step: int = 512,
               machine: MachineMemory | None = None, min_context: int = MIN_CONTEXT,
               wire: bool = True, dtype_bytes: int | None | str = "auto",
-              config: ModelConfig | None = None) -> MemoryPlan:
+              folder_format: FolderFormat | None = None) -> MemoryPlan:
     """Check, before loading ``path``, that it fits this machine (or ``machine``); return the plan.
 
     Weights come from the folder's safetensors headers, at the float width the loader will
@@ -909,11 +919,12 @@ def preflight(path: str | Path, *, context: int | None = None, kv_bits: int | No
     use ``plan.context`` as its context limit. Raises :class:`InsufficientMemoryError` (a
     ``ValueError``, with the options) when the requested context -- or, automatically, not
     even ``min_context`` tokens -- fits. On macOS with Metal it then wires the planned bytes
-    (:func:`set_wired_limit`; ``wire=False`` skips that). ``config``: the folder's parsed
-    config.json when the caller already has it.
+    (:func:`set_wired_limit`; ``wire=False`` skips that). ``folder_format``: the folder's
+    :func:`~step35_mlx.mlx_lm_format.read_folder` reading when the caller already has it.
     """
     path = Path(path)
-    cfg = config or ModelConfig.from_file(path)
+    folder = folder_format or read_folder(path)
+    cfg = folder.config
     machine = machine or machine_memory()
     cap = cfg.max_position_embeddings
     # the same messages as generate.resolve_settings / new_cache, which would refuse these later
@@ -924,7 +935,7 @@ def preflight(path: str | Path, *, context: int | None = None, kv_bits: int | No
     if kv_bits not in (None, 4, 8):
         raise ValueError(f"kv_bits must be 4 or 8, got {kv_bits}")
     db = load_dtype_bytes() if dtype_bytes == "auto" else dtype_bytes
-    kw = dict(recipe=folder_weight_sizes(path, db, config=cfg), kv_bits=kv_bits,
+    kw = dict(recipe=folder_weight_sizes(path, db, folder_format=folder), kv_bits=kv_bits,
               kv_group_size=_kv_group(cfg, kv_bits, kv_group_size), mtp=mtp, prefill_step=prefill_step,
               activation_dtype_bytes=folder_activation_bytes(path, db), fused_attention=fused_attention_available())
     if context is None:

@@ -28,8 +28,6 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -39,10 +37,9 @@ import mlx.core as mx
 from .cache import SlidingKVCache
 from .generate import GenerationChunk, GenerationStats, Settings, new_cache, resolve_settings, run
 from .reasoning import split_reasoning
+from .session_file import SESSION_FORMAT, SESSION_VERSION, read_session_file, write_session_file
 from .tool_calls import parse_tool_calls
 
-SESSION_FORMAT = "step35-mlx-session"
-SESSION_VERSION = 1
 _SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
                   "seed", "stop", "prefill_step", "max_context", "mtp", "draft_depth")
 
@@ -371,54 +368,30 @@ class ChatSession:
             "cache_tokens": self.cache_tokens, "layers": layers, "snapshot": snap,
             "prefilled_tokens": self.prefilled_tokens,
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # mx.save_safetensors appends ".safetensors" to other names: write a temp file, then rename.
-        fd, tmp = tempfile.mkstemp(suffix=".safetensors", dir=path.parent)
-        os.close(fd)
-        try:
-            mx.save_safetensors(tmp, arrays, metadata={"step35_mlx_session": json.dumps(meta)})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        write_session_file(path, arrays, meta)
         return path
 
     def load(self, path: str | Path) -> "ChatSession":
-        """Replace this session's state with a saved one (same model required); returns ``self``."""
+        """Replace this session's state with a saved one (same model required); returns ``self``.
+
+        The file is checked whole first (``ValueError`` saying what is wrong; ``FileNotFoundError``),
+        so a damaged or crafted file leaves this session as it was.
+        """
         self._finish_active()
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no session file at {path}")
-        try:
-            arrays, metadata = mx.load(str(path), format="safetensors", return_metadata=True)
-            meta = json.loads(metadata["step35_mlx_session"])
-        except Exception as e:
-            raise ValueError(f"{path} is not a step35-mlx session file ({e})") from None
-        if meta.get("format") != SESSION_FORMAT or meta.get("version") != SESSION_VERSION:
-            raise ValueError(f"{path} is not a step35-mlx session file (version {SESSION_VERSION})")
-        if meta.get("model") != _model_fingerprint(self.model):
-            raise ValueError(f"{path} was saved with a different model (config.json differs); it cannot be loaded here")
+        specs = [self.model.config.layer(i) for i in range(len(self.model.layers))]
+        saved = read_session_file(path, fingerprint=_model_fingerprint(self.model), make_cache=self.model.make_cache,
+                                  layer_specs=specs, vocab_size=self.model.config.vocab_size,
+                                  setting_names=_SAMPLING_KEYS)
+        meta, arrays, cache, kw = saved.meta, saved.arrays, saved.cache, saved.cache_format
         layers = meta["layers"]
-        first = layers[0] if layers else {}
-        slack = next((e["slack"] for e in layers if e.get("kind") == "sliding"), None)
-        kw: dict[str, Any] = {}
-        if first.get("bits") is not None:
-            kw.update(kv_bits=first["bits"], kv_group_size=first.get("group_size", 64))
-        if slack is not None:
-            kw["slack"] = slack
-        cache = self.model.make_cache(**kw)
-        if len(layers) != len(cache):
-            raise ValueError(f"{path} holds {len(layers)} cache layers; the model has {len(cache)}")
 
         def get(prefix: str, n: int) -> Any:
             parts = tuple(arrays[f"{prefix}.{j}"] for j in range(n))
             return parts if n > 1 else parts[0]
 
         for i, (c, entry) in enumerate(zip(cache, layers)):
-            sliding = isinstance(c, SlidingKVCache)
-            if entry.get("kind") != ("sliding" if sliding else "full") or (sliding and entry["window"] != c.window):
-                raise ValueError(f"{path}: cache layer {i} does not match the model")
-            if sliding:
+            if isinstance(c, SlidingKVCache):
                 c.low = entry["low"]
             c.offset = entry["offset"]
             if "parts" in entry:
@@ -439,5 +412,4 @@ class ChatSession:
         self.defaults = {**meta.get("defaults", {}), **self.defaults}
         self.prefilled_tokens = meta.get("prefilled_tokens", 0)
         self.last_stats = None
-        mx.eval(list(arrays.values()))
         return self

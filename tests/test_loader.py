@@ -129,11 +129,12 @@ def test_folder_and_config_errors(make_checkpoint, tmp_path):
         load_model(path)
 
 
-def test_mlx_lm_conversion_is_refused_with_advice(make_checkpoint):
+def test_partly_mlx_lm_renamed_checkpoint_is_refused(make_checkpoint):
+    """Whole mlx-lm conversions load (tests/test_mlx_lm_format.py); a mix of both namings does not."""
     path, _, _ = make_checkpoint(config=CFG)
     _rewrite_shard(path, lambda t: {k.replace(".moe.gate_proj.", ".mlp.switch_mlp.gate_proj."): v for k, v in t.items()})
     (path / "model.safetensors.index.json").unlink()  # shards are then found by glob
-    with pytest.raises(CheckpointError, match="step35-mlx convert"):
+    with pytest.raises(CheckpointError, match="half-converted"):
         load_model(path)
 
 

@@ -406,3 +406,71 @@ def test_serve_command_is_registered():
 
     r = CliRunner().invoke(app, ["serve", "--help"])
     assert r.exit_code == 0 and "--api-key" in r.output and "--max-queue" in r.output
+
+
+# ---------------------------------------------------------------- request limits (hostile bodies)
+
+
+def _rss_mb() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _auth():
+    return {"Authorization": f"Bearer {KEY}", "content-type": "application/json"}
+
+
+@pytest.mark.parametrize("path, kind", [("/v1/chat/completions", "invalid_request_error"),
+                                        ("/v1/messages", "request_too_large")])
+def test_a_body_over_the_bound_gets_413_before_it_is_read(server, path, kind):
+    big = b'{"messages": "' + b"a" * 9_000_000 + b'"}'
+    r = httpx.post(server["url"] + path, content=big, headers=_auth(), timeout=60)
+    assert r.status_code == 413
+    err = r.json()["error"]
+    assert err["type"] == kind and "at most 8,000,000" in err["message"]
+
+    def chunks():  # no Content-Length: counted as it arrives
+        for _ in range(40):
+            yield b"a" * 500_000
+
+    r = httpx.post(server["url"] + path, content=chunks(), headers=_auth(), timeout=60)
+    assert r.status_code == 413
+
+
+def test_memory_returns_to_baseline_after_large_rejected_requests(server):
+    def post(body):
+        return httpx.post(server["url"] + "/v1/chat/completions", content=body, headers=_auth(), timeout=60)
+
+    post(b"{}")
+    base = _rss_mb()
+    for _ in range(8):
+        assert post(b'{"x": "' + b"a" * 7_900_000 + b'"').status_code == 400  # just under the bound, not JSON
+        assert post(b"[" * 7_900_000).status_code == 400  # nested far too deep
+        assert post(b"a" * 20_000_000).status_code == 413
+    assert _rss_mb() - base < 120, (base, _rss_mb())
+
+
+def test_deep_nesting_is_400_and_internal_errors_keep_their_text(server, monkeypatch, oa):
+    deep = b'{"model": "m", "messages": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    r = httpx.post(server["url"] + "/v1/chat/completions", content=deep, headers=_auth(), timeout=60)
+    assert r.status_code == 400 and "nested more than" in r.json()["error"]["message"]
+
+    def broken(*a, **k):
+        raise TypeError("key(): incompatible function arguments")
+
+    monkeypatch.setattr(generate_mod, "token_generator", lambda *a, **k: broken)
+    with pytest.raises(openai.BadRequestError) as e:
+        oa.chat.completions.create(model="m", max_tokens=3, messages=[{"role": "user", "content": "hi"}])
+    assert "incompatible" not in str(e.value.body) and "key()" not in str(e.value.body)
+
+
+@pytest.mark.parametrize("extra, field", [({"seed": -1}, "seed"), ({"seed": 2**64}, "seed"),
+                                          ({"temperature": 1e400}, "temperature must be a finite number"),
+                                          ({"top_p": "NaN"}, "top_p")])
+def test_bad_sampling_values_are_400(server, extra, field):
+    body = json.dumps({"model": "m", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}], **extra})
+    body = body.replace("Infinity", "1e400")
+    r = httpx.post(server["url"] + "/v1/chat/completions", content=body.encode(), headers=_auth(), timeout=60)
+    assert r.status_code == 400 and field in r.json()["error"]["message"], r.text

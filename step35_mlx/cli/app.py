@@ -8,6 +8,7 @@ from .. import __version__
 from .chat import chat
 from .convert import CONVERT_HELP, convert_cmd, quant_eval_cmd, verify_cmd
 from .generate import generate
+from .graft import GRAFT_HELP, graft_mtp
 from .info import info
 from .plan import PLAN_HELP, plan
 from .serve import serve
@@ -41,6 +42,7 @@ app.command("serve")(serve)
 app.command("convert", help=CONVERT_HELP)(convert_cmd)
 app.command("verify")(verify_cmd)
 app.command("quant-eval")(quant_eval_cmd)
+app.command("graft-mtp", help=GRAFT_HELP)(graft_mtp)
 app.command("plan", help=PLAN_HELP)(plan)
 app.command("tune")(tune)
 app.command("info")(info)

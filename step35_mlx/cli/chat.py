@@ -28,6 +28,7 @@ HELP = """\
 /exit            quit (also /quit, Ctrl-D)
 Ctrl-C stops the current answer; the partial answer stays in the conversation."""
 
+
 class _Interrupt:
     """Ctrl-C while an answer streams: the first press asks the loop to stop after the current token;
     a second press (e.g. during a long prefill) interrupts at once."""
@@ -255,16 +256,21 @@ def _command(console, session, text: str) -> bool:
         if not arg:
             console.print(f"usage: {name} PATH", style="red")
             return False
+        target = Path(arg).expanduser()
         try:
             if name == "/save":
-                p = session.save(Path(arg).expanduser())
+                p = session.save(target)
                 console.print(f"saved {len(session.messages)} messages and {session.context_tokens} cached tokens to {p}",
                               style="dim", markup=False)
             else:
-                session.load(Path(arg).expanduser())
+                session.load(target)
                 console.print(f"loaded {len(session.messages)} messages and {session.context_tokens} cached tokens from {arg}",
                               style="dim", markup=False)
-        except (OSError, ValueError) as e:
+        except OSError as e:
+            message = str(e) if e.strerror is None else (
+                f"cannot {name[1:]} the session {'to' if name == '/save' else 'from'} {target}: {e.strerror}")
+            console.print(f"error: {message}", style="red", markup=False)
+        except ValueError as e:
             console.print(f"error: {e}", style="red", markup=False)
     elif name == "/stats":
         turns = sum(m.get("role") == "assistant" for m in session.messages)

@@ -14,14 +14,15 @@ def info(model: str = typer.Argument(..., help="Checkpoint folder (Hugging Face 
 
     Example: step35-mlx info ./Step-3.5-Flash-4bit
     """
-    from ..config import ModelConfig
     from ..hub import DEMO_DIR, DEMO_NAME
+    from ..mlx_lm_format import read_folder
 
-    folder = DEMO_DIR if model == DEMO_NAME else Path(model).expanduser()
+    path = DEMO_DIR if model == DEMO_NAME else Path(model).expanduser()
     try:
-        cfg = ModelConfig.from_file(folder)
+        folder = read_folder(path)
     except (OSError, ValueError) as e:
         fail(str(e))
+    cfg = folder.config
     n_full = sum(t == "full_attention" for t in cfg.layer_types[: cfg.num_hidden_layers])
     typer.echo(
         f"{cfg.model_type}: hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers "
@@ -29,3 +30,5 @@ def info(model: str = typer.Argument(..., help="Checkpoint folder (Hugging Face 
         f"{len(cfg.moe_layers)} MoE layers ({cfg.moe_num_experts} experts, top-{cfg.moe_top_k}), "
         f"{cfg.num_nextn_predict_layers} MTP layers, vocab {cfg.vocab_size}"
     )
+    if folder.mlx_lm:
+        typer.echo(folder.mlx_lm.notice())

@@ -36,10 +36,10 @@ def load_for_cli(model: Optional[str], announce: Callable[[str], None], *, max_c
         from .parallel import load_parallel_for_cli
 
         return load_parallel_for_cli(model, announce, parallel, split, mtp=mtp is not False)
-    from ..config import ModelConfig
     from ..generate import read_generation_config
     from ..hub import DEMO_DIR, ModelNotFoundError, resolve_model
     from ..loader import CheckpointError, load
+    from ..mlx_lm_format import read_folder
     from ..plan import InsufficientMemoryError, preflight
 
     try:
@@ -51,8 +51,8 @@ def load_for_cli(model: Optional[str], announce: Callable[[str], None], *, max_c
                  "Pass --model PATH|REPO to chat with Step 3.5 Flash.")
     keep_mtp = mtp is not False
     try:
-        config = ModelConfig.from_file(path)
-        plan = preflight(path, config=config, context=max_context, kv_bits=kv_bits, mtp=keep_mtp,
+        folder = read_folder(path)
+        plan = preflight(path, folder_format=folder, context=max_context, kv_bits=kv_bits, mtp=keep_mtp,
                          prefill_step=prefill_step)
     except InsufficientMemoryError as e:
         head, _, options = str(e).partition("\n")
@@ -63,11 +63,11 @@ def load_for_cli(model: Optional[str], announce: Callable[[str], None], *, max_c
         fail(f"cannot load {path}: {e}")
     except (ValueError, OSError) as e:
         fail(str(e))
-    if max_context is None and plan.context < config.max_position_embeddings:
+    if max_context is None and plan.context < folder.config.max_position_embeddings:
         announce(f"Context limited to {plan.context:,} tokens so that the model fits this machine's memory "
                  f"(`step35-mlx plan --model {path}` shows the options).")
     try:
-        m, tok = load(path, config=config, mtp=keep_mtp)
+        m, tok = load(path, folder_format=folder, mtp=keep_mtp)
         generation_config = read_generation_config(path, warn=announce)
     except (ValueError, OSError) as e:
         fail(f"cannot load {path}: {e}")

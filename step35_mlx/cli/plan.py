@@ -65,6 +65,7 @@ def resolve_target(model: Optional[str], recipe: Optional[str]) -> Target:
     from ..config import ModelConfig
     from ..data import release_config
     from ..hub import DEMO_NAME, ModelNotFoundError, _looks_like_repo, resolve_model
+    from ..mlx_lm_format import read_folder, remote_config
     from ..plan import folder_activation_bytes, folder_weight_sizes
     from ..quant.recipes import DEFAULT_RECIPE, get_recipe
 
@@ -82,9 +83,10 @@ def resolve_target(model: Optional[str], recipe: Optional[str]) -> Target:
         try:
             folder = resolve_model(model, allow_download=False)  # already in the local HF cache
         except ModelNotFoundError:
-            raw = _hub_config(model)
+            raw = remote_config(_hub_config(model))  # an mlx-lm repo: no MTP, its module names
     if folder is not None:
-        cfg = ModelConfig.from_file(folder)
+        fmt = read_folder(folder)  # an mlx-lm conversion: its real MTP count and module names
+        cfg = fmt.config
         raw = cfg.raw
         name = str(folder)
     else:
@@ -96,13 +98,13 @@ def resolve_target(model: Optional[str], recipe: Optional[str]) -> Target:
             raise ValueError(f"{name} is already quantized; --recipe applies to the original release "
                              "(or plan the original with --model stepfun-ai/Step-3.5-Flash --recipe NAME)")
         if folder is not None and any(folder.glob("*.safetensors")):
-            return Target(cfg, folder_weight_sizes(folder), f"{name} (its files)", True,
+            return Target(cfg, folder_weight_sizes(folder, folder_format=fmt), f"{name} (its files)", True,
                           folder_activation_bytes(folder), folder)
         from ..plan import weight_sizes
 
         return Target(cfg, weight_sizes(cfg, quant), f"{name} (its quantization block)", True)
     if folder is not None and any(folder.glob("*.safetensors")) and recipe is None:
-        sizes = folder_weight_sizes(folder)
+        sizes = folder_weight_sizes(folder, folder_format=fmt)
         if sizes.recipe == "float":
             return Target(cfg, sizes, f"{name} (its files, unquantized)", True, folder_activation_bytes(folder),
                           folder)

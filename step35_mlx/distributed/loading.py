@@ -43,8 +43,8 @@ def tensor_index(path: Path, config: ModelConfig, mtp: bool = True) -> dict[str,
         st = SafetensorsFile(f)
         for key, info in st.tensors.items():
             if ".switch_mlp." in key:
-                raise CheckpointError(f"{path} is an mlx-lm conversion; convert the original checkpoint "
-                                      "with `step35-mlx convert` instead")
+                raise CheckpointError(f"{path} is an mlx-lm conversion, which loads in one process only; "
+                                      "for --parallel convert the original checkpoint with `step35-mlx convert`")
             name = hf_to_internal(key, config.num_hidden_layers)
             if name is not None and (mtp or not name.startswith("model.mtp.")):
                 index[name] = TensorRef(st, info)

@@ -1,0 +1,167 @@
+"""Map OpenAI and Anthropic messages, tools and tool choices onto the chat template's message dicts."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from .errors import APIError
+from .schemas import AnthTool, OAIMessage
+
+
+def _text_of(content: Any, where: str) -> str:
+    """Text of a content value: a string, or a list of text parts/blocks (others are refused)."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    parts = []
+    for block in content:
+        if not isinstance(block, dict):
+            raise APIError(400, f"{where}: content parts must be objects", param=where)
+        kind = block.get("type")
+        if kind in ("text", "input_text", "output_text"):
+            text = block.get("text")
+            if not isinstance(text, str):
+                raise APIError(400, f"{where}: a text part needs a string 'text'", param=where)
+            parts.append(text)
+        else:
+            raise APIError(400, f"{where}: content of type {kind!r} is not supported (text only)", param=where)
+    return "".join(parts)
+
+
+def _arguments(raw: Any, where: str) -> dict:
+    if raw is None or raw == "":
+        return {}
+    if isinstance(raw, dict):
+        return raw
+    try:
+        value = json.loads(raw)
+    except (json.JSONDecodeError, TypeError):
+        raise APIError(400, f"{where}: function arguments must be a JSON object", param=where) from None
+    if not isinstance(value, dict):
+        raise APIError(400, f"{where}: function arguments must be a JSON object", param=where)
+    return value
+
+
+def openai_messages(messages: list[OAIMessage]) -> list[dict]:
+    """OpenAI chat messages -> the chat template's messages (tool results carry the tool's name)."""
+    out: list[dict] = []
+    names: dict[str, str] = {}
+    for i, m in enumerate(messages):
+        where = f"messages.{i}"
+        role = "system" if m.role == "developer" else m.role
+        msg: dict[str, Any] = {"role": role, "content": _text_of(m.content, f"{where}.content")}
+        if role == "assistant":
+            if m.reasoning_content:
+                msg["reasoning_content"] = m.reasoning_content
+            if m.tool_calls:
+                calls = []
+                for j, c in enumerate(m.tool_calls):
+                    if c.id:
+                        names[c.id] = c.function.name
+                    calls.append({"type": "function", "function": {
+                        "name": c.function.name,
+                        "arguments": _arguments(c.function.arguments, f"{where}.tool_calls.{j}.function.arguments")}})
+                msg["tool_calls"] = calls
+        elif role == "tool":
+            msg["name"] = m.name or names.get(m.tool_call_id or "", "")
+        out.append(msg)
+    return out
+
+
+def anthropic_tools(tools: list[AnthTool] | None) -> list[dict] | None:
+    if not tools:
+        return None
+    return [{"type": "function", "function": {"name": t.name, "description": t.description or "",
+                                              "parameters": t.input_schema or {"type": "object", "properties": {}}}}
+            for t in tools]
+
+
+def anthropic_messages(req: Any) -> list[dict]:
+    """Anthropic system + messages -> the chat template's messages."""
+    out: list[dict] = []
+    if req.system:
+        out.append({"role": "system", "content": _text_of(req.system, "system")})
+    names: dict[str, str] = {}
+    for i, m in enumerate(req.messages):
+        where = f"messages.{i}.content"
+        if isinstance(m.content, str):
+            out.append({"role": m.role, "content": m.content})
+            continue
+        text: list[str] = []
+        thinking: list[str] = []
+        calls: list[dict] = []
+        results: list[dict] = []
+        for j, b in enumerate(m.content):
+            if not isinstance(b, dict):
+                raise APIError(400, f"{where}.{j}: content blocks must be objects", param=f"{where}.{j}")
+            kind = b.get("type")
+            if kind == "text":
+                if not isinstance(b.get("text"), str):
+                    raise APIError(400, f"{where}.{j}.text: must be a string", param=f"{where}.{j}.text")
+                text.append(b["text"])
+            elif kind == "thinking" and m.role == "assistant":
+                thinking.append(str(b.get("thinking") or ""))
+            elif kind == "redacted_thinking" and m.role == "assistant":
+                continue
+            elif kind == "tool_use" and m.role == "assistant":
+                name, args = b.get("name"), b.get("input", {})
+                if not isinstance(name, str) or not isinstance(args, dict):
+                    raise APIError(400, f"{where}.{j}: tool_use needs a string 'name' and an object 'input'",
+                                   param=f"{where}.{j}")
+                if isinstance(b.get("id"), str):
+                    names[b["id"]] = name
+                calls.append({"type": "function", "function": {"name": name, "arguments": args}})
+            elif kind == "tool_result" and m.role == "user":
+                content = b.get("content")
+                body = _text_of(content if isinstance(content, (str, list)) or content is None else str(content),
+                                f"{where}.{j}.content")
+                if b.get("is_error"):
+                    body = f"Error: {body}"
+                results.append({"role": "tool", "name": names.get(str(b.get("tool_use_id")), ""), "content": body})
+            else:
+                raise APIError(400, f"{where}.{j}: block type {kind!r} is not supported in a {m.role} message",
+                               param=f"{where}.{j}")
+        if m.role == "assistant":
+            msg: dict[str, Any] = {"role": "assistant", "content": "".join(text)}
+            if thinking:
+                msg["reasoning_content"] = "".join(thinking)
+            if calls:
+                msg["tool_calls"] = calls
+            out.append(msg)
+        else:
+            out.extend(results)
+            if text or not results:
+                out.append({"role": "user", "content": "".join(text)})
+    return out
+
+
+def select_tools(tools: list[dict] | None, choice: Any, anthropic: bool) -> list[dict] | None:
+    """Apply ``tool_choice``: none disables tools; a named tool keeps only that one; auto/required/any keep all."""
+    if not tools:
+        return None
+    if anthropic:
+        kind = (choice or {}).get("type", "auto")
+        if kind == "none":
+            return None
+        if kind == "tool":
+            keep = [t for t in tools if t["function"]["name"] == choice.get("name")]
+            if not keep:
+                raise APIError(400, f"tool_choice names an unknown tool {choice.get('name')!r}", param="tool_choice")
+            return keep
+        if kind not in ("auto", "any"):
+            raise APIError(400, f"tool_choice.type {kind!r} is not one of auto, any, tool, none", param="tool_choice")
+        return tools
+    if choice is None or choice in ("auto", "required"):
+        return tools
+    if choice == "none":
+        return None
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name")
+        keep = [t for t in tools if (t.get("function", t) or {}).get("name") == name]
+        if not keep:
+            raise APIError(400, f"tool_choice names an unknown function {name!r}", param="tool_choice")
+        return keep
+    raise APIError(400, f"tool_choice {choice!r} is not one of none, auto, required or a named function",
+                   param="tool_choice")
