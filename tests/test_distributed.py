@@ -180,6 +180,20 @@ def test_plan_hosts_command_and_its_arithmetic():
     shared = sum(n for n in (rank_bytes({k: v}, Layout("tensor", 1), 0) for k, v in sizes.items()
                              if not k.startswith("model.layers.")))
     assert sum(stage) == whole + shared
+    # the KV cache: split by heads (tensor), by layers (pipeline; the MTP caches on every rank), whole (expert)
+    from step35_mlx.distributed.hostplan import rank_context, rank_kv, rank_memory
+    from step35_mlx.plan import plan_memory
+
+    plan = plan_memory(cfg, recipe="q4", context=65536)
+    assert sum(rank_kv(cfg, Layout("tensor", 2), r, plan) for r in range(2)) == plan.kv
+    pipe = [rank_kv(cfg, Layout("pipeline", 3, counts=(15, 15, 15)), r, plan) for r in range(3)]
+    assert abs(sum(pipe) - (plan.kv + 2 * plan.mtp_kv)) <= 3 and pipe[0] > plan.mtp_kv
+    assert rank_kv(cfg, Layout("expert", 2, 288), 1, plan) == plan.kv
+    tp = Layout("tensor", 2)
+    ctx = rank_context(cfg, tp, 0, int(57e9), 56 * 2**30, mtp=True)
+    assert rank_memory(cfg, tp, 0, int(57e9), ctx, mtp=True) <= 56 * 2**30 < rank_memory(cfg, tp, 0, int(57e9),
+                                                                                         ctx + 256, mtp=True)
+    assert rank_context(cfg, tp, 0, int(70e9), 56 * 2**30, mtp=True) == 0
     r = CliRunner().invoke(app, ["plan", "--hosts", "128GB,64GB", "--recipe", "q4"])
     assert r.exit_code == 0, r.output
     lines = r.stdout.splitlines()

@@ -35,7 +35,8 @@ def load_for_cli(model: Optional[str], announce: Callable[[str], None], *, max_c
     if parallel is not None:
         from .parallel import load_parallel_for_cli
 
-        return load_parallel_for_cli(model, announce, parallel, split, mtp=mtp is not False)
+        return load_parallel_for_cli(model, announce, parallel, split, mtp=mtp is not False,
+                                     max_context=max_context, kv_bits=kv_bits)
     from ..generate import read_generation_config
     from ..hub import DEMO_DIR, ModelNotFoundError, resolve_model
     from ..loader import CheckpointError, load

@@ -18,7 +18,7 @@ SPLIT_OPTION = typer.Option(None, "--split", help="--parallel pipeline: trunk la
 
 
 def load_parallel_for_cli(model: Optional[str], announce: Callable[[str], None], mode: str, split: Optional[str],
-                          *, mtp: bool) -> LoadedModel:
+                          *, mtp: bool, max_context: Optional[int] = None, kv_bits: Optional[int] = None) -> LoadedModel:
     """This rank's share of ``model``; ranks other than 0 print nothing on stdout."""
     from mlx_lm.tokenizer_utils import load as load_tokenizer
 
@@ -34,7 +34,7 @@ def load_parallel_for_cli(model: Optional[str], announce: Callable[[str], None],
         return path
 
     try:
-        rank = load_rank(locate, mode, split, mtp=mtp)
+        rank = load_rank(locate, mode, split, mtp=mtp, max_context=max_context, kv_bits=kv_bits)
         tokenizer = load_tokenizer(rank.path, eos_token_ids=rank.config.eos_token_id or None)
         generation_config = read_generation_config(rank.path, warn=announce)
     except ParallelSetupError as e:
@@ -43,7 +43,10 @@ def load_parallel_for_cli(model: Optional[str], announce: Callable[[str], None],
         fail(f"cannot load {rank.path}: {e}")
     if rank.group.rank() != 0:
         sys.stdout = open(os.devnull, "w")
-    return LoadedModel(rank.model, tokenizer, rank.path, generation_config, rank.config.max_position_embeddings)
+    if max_context is None and rank.context_limit < rank.config.max_position_embeddings:
+        announce(f"Context limited to {rank.context_limit:,} tokens so that every rank's share fits its memory "
+                 "(`step35-mlx plan --hosts ...` shows the options).")
+    return LoadedModel(rank.model, tokenizer, rank.path, generation_config, rank.context_limit)
 
 
 def print_hosts_plan(config, hosts: str, recipe: Optional[str], context: int) -> None:

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 
 from ..config import ModelConfig
-from ..plan import MachineMemory, mac_machine, plan_memory, verdict
+from ..plan import MachineMemory, MemoryPlan, WeightSizes, mac_machine, plan_memory, verdict
 from ..quant.recipes import BYTES_PER, Recipe, effective_spec, expected_tensors, get_recipe, output_tensors, source_dtype_for
 from .pipeline import split_by_memory
 from .share import MODES, Layout, layer_bytes, rank_bytes
@@ -84,19 +84,50 @@ def plan_hosts(config: ModelConfig, hosts_gb: list[float], *, recipe: str = "q4"
         layout = Layout(mode, n, config.moe_num_experts, counts if mode == "pipeline" else ())
         ranks = []
         for i, h in enumerate(hosts):
-            if mode == "tensor":
-                kv = base.kv // n
-            elif mode == "pipeline":
-                kv = base.full_kv * sum(1 for j in range(*_stage(counts, i)) if not config.layer(j).is_sliding) // max(
-                    1, sum(1 for j in range(config.num_hidden_layers) if not config.layer(j).is_sliding)) + base.mtp_kv
-            else:
-                kv = base.kv
+            kv = rank_kv(config, layout, i, base)
             ranks.append(RankNeed(h, rank_bytes(sizes, layout, i), kv, other))
         problem = None
         if mode == "tensor" and tensor_problems:
             problem = tensor_problems[0]
         plans.append(ModePlan(mode, ranks, counts if mode == "pipeline" else (), problem))
     return plans
+
+
+def rank_kv(config: ModelConfig, layout: Layout, rank: int, plan: MemoryPlan) -> int:
+    """The part of ``plan``'s KV cache that ``rank`` holds: 1/N of the heads (tensor), all of it
+    (expert), or its stage's layers' caches plus the MTP caches (pipeline)."""
+    if layout.mode == "tensor":
+        return plan.kv // layout.ranks
+    if layout.mode == "expert":
+        return plan.kv
+    first, last = _stage(layout.counts, rank)
+    sliding = [config.layer(j).is_sliding for j in range(config.num_hidden_layers)]
+    mine = sliding[first:last]
+    full_share = (mine.count(False) / sliding.count(False)) if False in sliding else 0.0
+    sliding_share = (mine.count(True) / sliding.count(True)) if True in sliding else 0.0
+    return int(plan.full_kv * full_share + plan.sliding_kv * sliding_share) + plan.mtp_kv
+
+
+def rank_memory(config: ModelConfig, layout: Layout, rank: int, weights: int, context: int, *, mtp: bool,
+                kv_bits: int | None = None, activation_bytes: int = 2, fused_attention: bool = True) -> int:
+    """Bytes rank ``rank`` needs: its ``weights`` plus its KV cache for ``context`` tokens, activations, overhead."""
+    plan = plan_memory(config, recipe=WeightSizes(0, int(mtp), "share"), context=context, mtp=mtp, kv_bits=kv_bits,
+                       activation_dtype_bytes=activation_bytes, fused_attention=fused_attention)
+    return weights + rank_kv(config, layout, rank, plan) + plan.activations + plan.overhead
+
+
+def rank_context(config: ModelConfig, layout: Layout, rank: int, weights: int, limit: int, **kw) -> int:
+    """The longest context (at most the model's) for which ``rank_memory`` stays within ``limit``; 0 if none."""
+    lo, hi = 0, config.max_position_embeddings
+    if rank_memory(config, layout, rank, weights, hi, **kw) <= limit:
+        return hi
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if rank_memory(config, layout, rank, weights, mid, **kw) <= limit:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def _stage(counts: tuple[int, ...], i: int) -> tuple[int, int]:

@@ -11,7 +11,9 @@ import mlx.core as mx
 import numpy as np
 
 from ..config import ModelConfig
-from ..plan import load_dtype_bytes, machine_memory
+from ..plan import (MIN_CONTEXT, folder_activation_bytes, fused_attention_available, load_dtype_bytes,
+                    machine_memory, set_wired_limit)
+from .hostplan import rank_context, rank_memory
 from .loading import load_distributed, tensor_index, tensor_sizes
 from .pipeline import parse_split, split_by_memory
 from .share import MODES, SUBSET_KEY, Layout, layer_bytes, rank_bytes
@@ -28,29 +30,34 @@ class RankModel:
     weight_bytes: int  # the planned share of this rank
     path: Path
     config: ModelConfig
+    context_limit: int  # tokens, the same on every rank
 
 
 def _gather_floats(value: float, group: mx.distributed.Group) -> list[float]:
     return [float(v) for v in mx.distributed.all_gather(mx.array([value], dtype=mx.float32), group=group).tolist()]
 
 
-def load_rank(locate: Callable[[], Path], mode: str, split: str | None, *, mtp: bool = True) -> RankModel:
+def load_rank(locate: Callable[[], Path], mode: str, split: str | None, *, mtp: bool = True,
+              max_context: int | None = None, kv_bits: int | None = None) -> RankModel:
     """Join the ``mlx.launch`` group, check this rank's share fits its memory, and load it.
 
-    ``locate`` finds the model folder on this host. Every rank learns whether all ranks
-    loaded: when one cannot (no folder, does not fit, wrong per-rank copy), all stop with an
-    error instead of waiting for it forever.
+    ``locate`` finds the model folder on this host. Before any weight is read every rank
+    computes the longest context its memory allows (weights + its part of the KV cache +
+    activations); all ranks take the shortest, or check ``max_context`` against each. Every
+    rank learns whether all ranks can go on: when one cannot (no folder, does not fit, wrong
+    per-rank copy), all stop with an error instead of waiting for it forever.
     """
     if mode not in MODES:
         raise ParallelSetupError(f"--parallel {mode!r}: choose one of {', '.join(MODES)}")
     group = mx.distributed.init()
-    n = group.size()
+    n, rank = group.size(), group.rank()
     if n == 1:
         raise ParallelSetupError("--parallel needs several ranks: start the command with "
                                  "`mlx.launch --hostfile hosts.json -- step35-mlx ...` (see README, Several Macs)")
     machine = machine_memory()
     limits = _gather_floats(machine.gpu_limit / 1e9, group)
     error: Exception | None = None
+    fits = 0
     try:
         path = locate()
         config = ModelConfig.from_file(path)
@@ -58,23 +65,41 @@ def load_rank(locate: Callable[[], Path], mode: str, split: str | None, *, mtp: 
         counts = _stage_counts(config, mode, split, n, limits, sizes)
         layout = Layout(mode, n, config.moe_num_experts, counts)
         whole = config.raw.get(SUBSET_KEY) is not None  # a per-rank copy holds exactly this rank's share
-        need = rank_bytes(sizes, Layout("tensor", 1) if whole else layout, 0 if whole else group.rank(),
-                          load_dtype_bytes())
-        if need > machine.gpu_limit:
-            raise ParallelSetupError(
-                f"rank {group.rank()} ({machine.name}) needs {need / 1e9:.1f} GB of weights for --parallel {mode} "
-                f"but may use {machine.gpu_limit / 1e9:.1f} GB; `step35-mlx plan --hosts ...` shows what fits")
-        model = load_distributed(path, mode, group, split=list(counts) or None, mtp=mtp)
+        db = load_dtype_bytes()
+        need = rank_bytes(sizes, Layout("tensor", 1) if whole else layout, 0 if whole else rank, db)
+        fit_kw = dict(mtp=mtp and config.num_nextn_predict_layers > 0, kv_bits=kv_bits,
+                      activation_bytes=folder_activation_bytes(path, db), fused_attention=fused_attention_available())
+        fits = rank_context(config, layout, rank, need, machine.gpu_limit, **fit_kw)
     except (ValueError, OSError) as e:  # CheckpointError and the hub's errors are ValueErrors or OSErrors
         error = e
+    _agree(error, group)
+    contexts = [int(c) for c in _gather_floats(float(fits), group)]
+    context = min(contexts) if max_context is None else max_context
+    short = [r for r, c in enumerate(contexts) if c < max(context, MIN_CONTEXT)]
+    if short:
+        r = short[0]
+        why = (f"its share does not fit its GPU limit of {limits[r]:.1f} GB even without context" if not contexts[r]
+               else f"it can hold only {contexts[r]:,} tokens of context within its GPU limit of {limits[r]:.1f} GB")
+        raise ParallelSetupError(f"rank {r} cannot run --parallel {mode}: {why}; `step35-mlx plan --hosts ...` "
+                                 "shows what fits (--kv-bits 8 or a shorter --max-context may help)")
+    try:
+        set_wired_limit(rank_memory(config, layout, rank, need, context, **fit_kw))
+        model = load_distributed(path, mode, group, split=list(counts) or None, mtp=mtp)
+    except (ValueError, OSError) as e:
+        error = e
+    _agree(error, group)
+    atexit.register(barrier, group)
+    return RankModel(model, group, need, path, config, context)
+
+
+def _agree(error: Exception | None, group: mx.distributed.Group) -> None:
+    """Raise this rank's ``error``, or stop because another rank had one (every rank calls this)."""
     failed = [int(v) for v in _gather_floats(float(error is not None), group)]
     if error is not None:
         raise ParallelSetupError(str(error)) from None
     if any(failed):
         bad = ", ".join(str(r) for r, f in enumerate(failed) if f)
         raise ParallelSetupError(f"rank {bad} could not load its share (its error is in its own output); stopping")
-    atexit.register(barrier, group)
-    return RankModel(model, group, need, path, config)
 
 
 def _stage_counts(config: ModelConfig, mode: str, split: str | None, n: int, limits: list[float],
