@@ -20,8 +20,6 @@ SPLIT_OPTION = typer.Option(None, "--split", help="--parallel pipeline: trunk la
 def load_parallel_for_cli(model: Optional[str], announce: Callable[[str], None], mode: str, split: Optional[str],
                           *, mtp: bool, max_context: Optional[int] = None, kv_bits: Optional[int] = None) -> LoadedModel:
     """This rank's share of ``model``; ranks other than 0 print nothing on stdout."""
-    from mlx_lm.tokenizer_utils import load as load_tokenizer
-
     from ..distributed.runtime import ParallelSetupError, load_rank
     from ..generate import read_generation_config
     from ..hub import DEMO_DIR, resolve_model
@@ -35,6 +33,8 @@ def load_parallel_for_cli(model: Optional[str], announce: Callable[[str], None],
 
     try:
         rank = load_rank(locate, mode, split, mtp=mtp, max_context=max_context, kv_bits=kv_bits)
+        from mlx_lm.tokenizer_utils import load as load_tokenizer  # after the checks: a refused rank exits fast
+
         tokenizer = load_tokenizer(rank.path, eos_token_ids=rank.config.eos_token_id or None)
         generation_config = read_generation_config(rank.path, warn=announce)
     except ParallelSetupError as e:
