@@ -12,8 +12,9 @@ from typing import Iterator, Optional
 
 import typer
 
-from .common import (DRAFT_DEPTH_OPTION, KV_BITS_OPTION, MAX_CONTEXT_OPTION, MODEL_OPTION, MTP_OPTION,
-                     PREFILL_STEP_OPTION, SEED_OPTION, fail, printable, stats_line)
+from .common import (DRAFT_DEPTH_OPTION, KV_BITS_OPTION, MAX_CONTEXT_OPTION, MAX_TOKENS_OPTION, MIN_P_OPTION,
+                     MODEL_OPTION, MTP_OPTION, PREFILL_STEP_OPTION, SEED_OPTION, SYSTEM_OPTION, TEMPERATURE_OPTION,
+                     TOP_K_OPTION, TOP_P_OPTION, fail, printable, stats_line)
 from ..text import invalid_text_reason
 from .loading import load_for_cli
 from .parallel import PARALLEL_OPTION, SPLIT_OPTION
@@ -129,12 +130,12 @@ class _Printer:
 
 def chat(
     model: Optional[str] = MODEL_OPTION,
-    system: Optional[str] = typer.Option(None, "--system", "-s", help="System prompt."),
-    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", "-n", help="Most tokens per answer (default: generation_config.json, else 8192, within the context)."),
-    temperature: Optional[float] = typer.Option(None, "--temperature", "-t", help="Sampling temperature; 0 is greedy (default: generation_config.json, else 1.0)."),
-    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling mass (default 0.95)."),
-    top_k: Optional[int] = typer.Option(None, "--top-k", help="Keep the k most likely tokens; 0 = off."),
-    min_p: Optional[float] = typer.Option(None, "--min-p", help="Drop tokens below min_p x the top probability."),
+    system: Optional[str] = SYSTEM_OPTION,
+    max_tokens: Optional[int] = MAX_TOKENS_OPTION,
+    temperature: Optional[float] = TEMPERATURE_OPTION,
+    top_p: Optional[float] = TOP_P_OPTION,
+    top_k: Optional[int] = TOP_K_OPTION,
+    min_p: Optional[float] = MIN_P_OPTION,
     seed: Optional[int] = SEED_OPTION,
     show_reasoning: bool = typer.Option(True, "--show-reasoning/--hide-reasoning", help="Stream the reasoning dimmed, or collapse it to one line."),
     mtp: Optional[bool] = MTP_OPTION,
@@ -226,6 +227,9 @@ def _converse(console, session, show_reasoning: bool) -> None:
                         break
             except KeyboardInterrupt:
                 interrupted = True
+            except RuntimeError as e:  # MLX could not run an operation (e.g. a kernel its backend lacks)
+                printer.end()
+                console.print(f"error: the MLX backend could not run this: {e}", style="red", markup=False)
             finally:
                 stream.close()
                 printer.end()

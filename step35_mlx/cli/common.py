@@ -15,6 +15,12 @@ MAX_CONTEXT_OPTION = typer.Option(None, "--max-context", help="Context limit in 
 PREFILL_STEP_OPTION = typer.Option(512, "--prefill-step", help="Prompt tokens per prefill chunk; smaller bounds memory on long prompts.")
 KV_BITS_OPTION = typer.Option(None, "--kv-bits", help="Store the KV cache quantized (4 or 8 bits).")
 SEED_OPTION = typer.Option(None, "--seed", help="Random seed for reproducible sampling (0 to 2^64-1).")
+SYSTEM_OPTION = typer.Option(None, "--system", "-s", help="System prompt.")
+MAX_TOKENS_OPTION = typer.Option(None, "--max-tokens", "-n", help="Most tokens per answer (default: generation_config.json, else 8192, within the context).")
+TEMPERATURE_OPTION = typer.Option(None, "--temperature", "-t", help="Sampling temperature; 0 is greedy (default: generation_config.json, else 1.0).")
+TOP_P_OPTION = typer.Option(None, "--top-p", help="Nucleus sampling mass (default: generation_config.json, else 0.95).")
+TOP_K_OPTION = typer.Option(None, "--top-k", help="Keep the k most likely tokens; 0 = off.")
+MIN_P_OPTION = typer.Option(None, "--min-p", help="Drop tokens below min_p x the top probability.")
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
