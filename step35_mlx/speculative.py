@@ -22,6 +22,7 @@ from typing import Callable, Iterator, Sequence
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from .distributed.sync import root_tokens
 from .model import DEFAULT_SLACK, Model
 from .draft_vocab import default_draft_ids, slice_rows
 from .sampling import SamplingParams, probs, residual, sample, sample_token
@@ -218,6 +219,7 @@ class MTPDrafter:
                 if draft:
                     ctx = mx.concatenate([mx.array(list(history), dtype=mx.int32), *drafts]) if processors else None
                     tok, q = self._draft(k, out[:, -1:], ctx, params, keys[k], processors)
+                    tok = root_tokens(self.model, tok)
                     drafts.append(tok)
                     if q is not None:
                         qs.append(q)
@@ -311,7 +313,7 @@ def speculative_tokens(
         on_prefilled()
     key, sub = mx.random.split(key)
     first = _target_logits(model.logits(hidden[:, -1:])[0], tokens, mx.zeros((0,), mx.int32), processors)
-    tokens.append(int(sample_token(first, params, sub)[0].item()))
+    tokens.append(int(root_tokens(model, sample_token(first, params, sub).astype(mx.int32))[0].item()))
     extra, last_in_cache = 0, False  # cache rows past the last yielded token; is that token's row cached?
     try:
         yield tokens[-1]
@@ -319,11 +321,12 @@ def speculative_tokens(
             key, k_draft, k_verify = mx.random.split(key, 3)
             drafts = drafter.propose(tokens, params, k_draft, processors)
             hidden = model.trunk(mx.concatenate([mx.array([tokens[-1]], dtype=mx.int32), drafts.tokens])[None],
-                                          cache)
+                                 cache)
             rows = _target_logits(model.logits(hidden)[0], tokens, drafts.tokens, processors)
             verdict = (_accept_greedy(rows, drafts.tokens) if params.greedy
                        else _accept(probs(rows, params), drafts.q, drafts.tokens, k_verify))
-            n, nxt, *proposed = mx.concatenate([verdict, drafts.tokens]).tolist()  # the step's one read
+            step = root_tokens(model, mx.concatenate([verdict, drafts.tokens]).astype(mx.int32))
+            n, nxt, *proposed = step.tolist()  # the step's one read
             for c in cache:
                 c.trim(len(proposed) - n)
             drafter.add_hidden(hidden[:, : n + 1])

@@ -13,6 +13,7 @@ from .graft import GRAFT_HELP, graft_mtp
 from .info import info
 from .plan import PLAN_HELP, plan
 from .serve import serve
+from .split_model import split_model
 from .tune import tune
 
 app = typer.Typer(
@@ -47,3 +48,4 @@ app.command("plan", help=PLAN_HELP)(plan)
 app.command("tune")(tune)
 app.command("info")(info)
 app.command("bench")(bench)
+app.command("split-model")(split_model)

@@ -17,6 +17,7 @@ from .common import (DRAFT_DEPTH_OPTION, KV_BITS_OPTION, MAX_CONTEXT_OPTION, MAX
                      TOP_K_OPTION, TOP_P_OPTION, fail, printable, stats_line)
 from ..text import invalid_text_reason
 from .loading import load_for_cli
+from .parallel import PARALLEL_OPTION, SPLIT_OPTION
 
 HELP = """\
 /help            show this help
@@ -142,6 +143,8 @@ def chat(
     max_context: Optional[int] = MAX_CONTEXT_OPTION,
     prefill_step: int = PREFILL_STEP_OPTION,
     kv_bits: Optional[int] = KV_BITS_OPTION,
+    parallel: Optional[str] = PARALLEL_OPTION,
+    split: Optional[str] = SPLIT_OPTION,
 ) -> None:
     """Chat in the terminal: streaming answers, reasoning dimmed, the KV cache kept between turns.
 
@@ -154,7 +157,8 @@ def chat(
     console = Console(highlight=False, soft_wrap=True)
     try:
         loaded = load_for_cli(model, lambda msg: console.print(msg, style="yellow", markup=False),
-                              max_context=max_context, kv_bits=kv_bits, mtp=mtp, prefill_step=prefill_step)
+                              max_context=max_context, kv_bits=kv_bits, mtp=mtp, prefill_step=prefill_step,
+                              parallel=parallel, split=split)
         try:
             session = ChatSession(loaded.model, loaded.tokenizer, system=system, max_tokens=max_tokens,
                                   temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed, mtp=mtp,
@@ -163,6 +167,11 @@ def chat(
                                   prefill_step=prefill_step)
         except ValueError as e:
             fail(str(e))
+        if parallel is not None:
+            from .parallel import chat_across_ranks
+
+            return chat_across_ranks(session, loaded.model.token_group,
+                                     lambda s: _converse(console, s, show_reasoning))
         console.print(f"step35-mlx chat · {loaded.path} · context limit {session.context_limit} tokens",
                       style="bold", markup=False)
         console.print("Type a message. /help lists commands; Ctrl-C stops an answer; Ctrl-D exits.", style="dim")

@@ -14,6 +14,7 @@ from .common import (DRAFT_DEPTH_OPTION, KV_BITS_OPTION, MAX_CONTEXT_OPTION, MAX
                      TOP_K_OPTION, TOP_P_OPTION, fail, printable, stats_line)
 from ..text import invalid_text_reason
 from .loading import load_for_cli
+from .parallel import PARALLEL_OPTION, SPLIT_OPTION
 
 
 def generate(
@@ -37,6 +38,8 @@ def generate(
     max_context: Optional[int] = MAX_CONTEXT_OPTION,
     prefill_step: int = PREFILL_STEP_OPTION,
     kv_bits: Optional[int] = KV_BITS_OPTION,
+    parallel: Optional[str] = PARALLEL_OPTION,
+    split: Optional[str] = SPLIT_OPTION,
 ) -> None:
     """Generate one answer for scripts: the answer on stdout (or --json), stats on stderr.
 
@@ -67,7 +70,12 @@ def generate(
         if not isinstance(tool_list, list):
             fail(f"{tools} must hold a JSON list of tool schemas")
     loaded = load_for_cli(model, lambda msg: typer.secho(msg, fg=typer.colors.YELLOW, err=True),
-                          max_context=max_context, kv_bits=kv_bits, mtp=mtp, prefill_step=prefill_step)
+                          max_context=max_context, kv_bits=kv_bits, mtp=mtp, prefill_step=prefill_step,
+                          parallel=parallel, split=split)
+    if parallel is not None:
+        from ..distributed.runtime import share_text
+
+        prompt = share_text(prompt, loaded.model.token_group)
     if raw:
         request: Any = prompt
     else:

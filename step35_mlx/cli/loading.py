@@ -23,13 +23,20 @@ class LoadedModel:
 
 
 def load_for_cli(model: Optional[str], announce: Callable[[str], None], *, max_context: Optional[int] = None,
-                 kv_bits: Optional[int] = None, mtp: Optional[bool] = None, prefill_step: int = 512) -> LoadedModel:
+                 kv_bits: Optional[int] = None, mtp: Optional[bool] = None, prefill_step: int = 512,
+                 parallel: Optional[str] = None, split: Optional[str] = None) -> LoadedModel:
     """Load a model for a command, or print one red line and exit 2.
 
     Before any weight is read, the memory plan (``step35_mlx.plan.preflight``) must fit this
     machine: for ``max_context`` when given, else for the longest context that fits (which
     becomes the limit). A model that does not fit is refused with the options that would fit.
+    ``parallel`` (tensor, expert, pipeline): this rank's share only, under ``mlx.launch``.
     """
+    if parallel is not None:
+        from .parallel import load_parallel_for_cli
+
+        return load_parallel_for_cli(model, announce, parallel, split, mtp=mtp is not False,
+                                     max_context=max_context, kv_bits=kv_bits)
     from ..generate import read_generation_config
     from ..hub import DEMO_DIR, ModelNotFoundError, resolve_model
     from ..loader import CheckpointError, load

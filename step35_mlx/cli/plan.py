@@ -158,6 +158,8 @@ def plan(
     mtp: bool = typer.Option(True, "--mtp/--no-mtp", help="Count the MTP heads (speculative decoding) and their caches."),
     prefill_step: int = typer.Option(512, "--prefill-step", help="Prompt tokens per prefill chunk (bounds activations)."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan, the verdicts and the context table as JSON."),
+    hosts: Optional[str] = typer.Option(None, "--hosts", help="Several Macs, e.g. 2x64GB or 128GB,64GB: per-rank "
+                                        "memory of each --parallel mode and recipe, and the launch line."),
 ) -> None:
     from ..hub import ModelNotFoundError
     from ..plan import (
@@ -177,6 +179,10 @@ def plan(
             raise ValueError(f"--context {context} is outside 1..{limit:,} (the model's maximum context)")
         if prefill_step < 1:
             raise ValueError("--prefill-step must be >= 1")
+        if hosts is not None:
+            from .parallel import print_hosts_plan
+
+            return print_hosts_plan(cfg, hosts, recipe, ctx if context is not None else 32768)
         if mtp and not cfg.num_nextn_predict_layers:
             mtp = False
         base = plan_memory(cfg, recipe=target.weights, context=ctx, kv_bits=bits, mtp=mtp,

@@ -9,6 +9,7 @@ import typer
 
 from .common import MAX_CONTEXT_OPTION, MODEL_OPTION, MTP_OPTION, fail
 from .loading import load_for_cli
+from .parallel import PARALLEL_OPTION, SPLIT_OPTION
 
 
 def serve(
@@ -21,6 +22,8 @@ def serve(
     max_context: Optional[int] = MAX_CONTEXT_OPTION,
     mtp: Optional[bool] = MTP_OPTION,
     max_body: str = typer.Option("8MB", "--max-body", help="Largest request body accepted (e.g. 8MB, 512KB); larger requests get 413 before they are read."),
+    parallel: Optional[str] = PARALLEL_OPTION,
+    split: Optional[str] = SPLIT_OPTION,
 ) -> None:
     """Serve a model over HTTP for OpenAI and Anthropic clients (Claude Code, opencode, SDKs).
 
@@ -38,17 +41,27 @@ def serve(
         max_body_bytes = parse_size(max_body)
     except ValueError as e:
         fail(f"--max-body: {e}")
-    loaded = load_for_cli(model, lambda text: typer.echo(text, err=True), max_context=max_context, mtp=mtp)
+    loaded = load_for_cli(model, lambda text: typer.echo(text, err=True), max_context=max_context, mtp=mtp,
+                          parallel=parallel, split=split)
+    channel = None
+    if parallel is not None:
+        from ..distributed.serving import JobChannel
+
+        channel = JobChannel(loaded.model.token_group)
     if not model_name:
         model_name = ("step35-mlx-demo" if model in (None, "demo")
                       else loaded.path.name if Path(model).expanduser().exists() else model)
     try:
         app = create_app(loaded.model, loaded.tokenizer, model_name=model_name, api_key=api_key,
                          max_queue=max_queue, generation_config=loaded.generation_config,
-                         max_body_bytes=max_body_bytes, max_context=loaded.context_limit,
+                         max_body_bytes=max_body_bytes, max_context=loaded.context_limit, channel=channel,
                          **({"mtp": mtp} if mtp is not None else {}))
     except ValueError as e:
         fail(str(e))
+    if channel is not None and not channel.leader:
+        from ..distributed.serving import follow
+
+        return follow(app.state.engine, channel)  # rank 0 serves HTTP; this rank runs its generations
     shown = "localhost" if host in ("0.0.0.0", "::") else host
     base = f"http://{shown}:{port}"
     typer.echo(f"serving {loaded.path} as '{model_name}'")
