@@ -153,19 +153,95 @@ def _require(cfg: dict, name: str, kind: type | tuple = int) -> Any:
     return value
 
 
-def _per_layer(cfg: dict, name: str, n: int, default: Any) -> list:
-    """A per-layer array of length >= n (trunk + MTP); a scalar is broadcast."""
-    value = cfg.get(name, default)
+def _type_name(kind: Any) -> str:
+    names = {int: "an int", float: "a number", bool: "true or false", str: "a string", dict: "a JSON object",
+             list: "a list"}
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(names.get(k, getattr(k, "__name__", str(k))) for k in kinds)
+
+
+def _is(value: Any, kind: Any) -> bool:
+    """``isinstance`` with JSON semantics: a bool is not a number, an int is a float."""
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool):
+        return bool in kinds
+    if float in kinds and isinstance(value, int):
+        return True
+    return isinstance(value, kinds)
+
+
+def _field(cfg: dict, name: str, default: Any, kind: Any, *, positive: bool = False, label: str | None = None) -> Any:
+    """``cfg[name]`` (``default`` when absent or null) checked to be of ``kind`` (and > 0 if ``positive``)."""
+    value = cfg.get(name)
     if value is None:
-        value = default
-    if not isinstance(value, list):
+        return default
+    label = label or name
+    if not _is(value, kind):
+        raise ValueError(f"config field '{label}' must be {_type_name(kind)}, got {value!r}")
+    if positive and not value > 0:
+        raise ValueError(f"config field '{label}' must be positive, got {value!r}")
+    return value
+
+
+def _per_layer(cfg: dict, name: str, n: int, default: Any, kind: Any = float, nullable: bool = False) -> list:
+    """A per-layer array of ``n`` entries (trunk + MTP) of ``kind``; absent means ``default`` everywhere.
+
+    One number for a numeric field applies to every layer (mlx-lm reads a scalar ``rope_theta`` so);
+    any other non-list value is refused.
+    """
+    value = cfg.get(name)
+    if value is None:
+        return [default] * n
+    if kind is float and _is(value, float):
         return [value] * n
+    if not isinstance(value, list):
+        raise ValueError(
+            f"config field '{name}' must be a list of {n} per-layer values "
+            f"(num_hidden_layers + num_nextn_predict_layers), got {value!r}"
+        )
     if len(value) < n:
         raise ValueError(
             f"config field '{name}' has {len(value)} entries; expected {n} "
             f"(num_hidden_layers + num_nextn_predict_layers)"
         )
+    for i, v in enumerate(value[:n]):
+        if not (nullable and v is None) and not _is(v, kind):
+            raise ValueError(f"config field '{name}[{i}]' must be {_type_name(kind)}, got {v!r}")
     return list(value[:n])
+
+
+def _rope_scaling(cfg: dict) -> dict | None:
+    rope_scaling = _field(cfg, "rope_scaling", None, dict)
+    if rope_scaling is None:
+        return None
+    kind = rope_scaling.get("rope_type", rope_scaling.get("type"))
+    if kind not in ("llama3", "default"):
+        raise ValueError(f"config field 'rope_scaling.rope_type' is {kind!r}; only 'llama3' is supported")
+    if kind == "default":
+        return None
+    for key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+        _field(rope_scaling, key, None, float, positive=True, label=f"rope_scaling.{key}")
+    return rope_scaling
+
+
+def _check_quantization(quant: Any) -> None:
+    """The ``quantization`` block of a converted folder: global ``bits``/``group_size`` and per-module specs."""
+    if quant is None:
+        return
+    if not isinstance(quant, dict):
+        raise ValueError(f"config field 'quantization' must be a JSON object, got {quant!r}")
+    for key in ("bits", "group_size"):
+        _field(quant, key, None, int, positive=True, label=f"quantization.{key}")
+    _field(quant, "mode", None, str, label="quantization.mode")
+    for path, spec in quant.items():
+        if path in ("bits", "group_size", "mode"):
+            continue
+        if spec is False:
+            continue
+        if not isinstance(spec, dict):
+            raise ValueError(f"config field 'quantization.{path}' must be false or a JSON object, got {spec!r}")
+        for key in ("bits", "group_size"):
+            _field(spec, key, None, int, positive=True, label=f"quantization.{path}.{key}")
 
 
 def _parse(config: dict[str, Any]) -> ModelConfig:
@@ -179,7 +255,7 @@ def _parse(config: dict[str, Any]) -> ModelConfig:
     head_dim = cfg.get("head_dim", hidden // heads)
     intermediate = _require(cfg, "intermediate_size")
     n_mtp = cfg.get("num_nextn_predict_layers", 0) or 0
-    if not isinstance(n_mtp, int) or n_mtp < 0:
+    if not _is(n_mtp, int) or n_mtp < 0:
         raise ValueError(f"config field 'num_nextn_predict_layers' must be a non-negative int, got {n_mtp!r}")
     for name, v in (("hidden_size", hidden), ("num_hidden_layers", n_layers), ("vocab_size", vocab),
                     ("num_attention_heads", heads), ("num_attention_groups", kv_heads),
@@ -192,7 +268,7 @@ def _parse(config: dict[str, Any]) -> ModelConfig:
     if layer_types is None:
         # Fallback of the reference implementations: even layers slide.
         layer_types = [SLIDING if i % 2 == 0 else FULL for i in range(n)]
-    layer_types = _per_layer({"layer_types": layer_types}, "layer_types", n, None)
+    layer_types = _per_layer({"layer_types": layer_types}, "layer_types", n, None, str)
     for i, t in enumerate(layer_types):
         if t not in ATTENTION_TYPES:
             raise ValueError(
@@ -200,29 +276,33 @@ def _parse(config: dict[str, Any]) -> ModelConfig:
             )
 
     rope_theta = _per_layer(cfg, "rope_theta", n, 10000.0)
+    for i, t in enumerate(rope_theta):
+        if not t > 0:
+            raise ValueError(f"config field 'rope_theta[{i}]' must be positive, got {t!r}")
     partial = _per_layer(cfg, "partial_rotary_factors", n, 1.0)
     for i, p in enumerate(partial):
-        if not isinstance(p, (int, float)) or not 0 < p <= 1:
+        if not 0 < p <= 1:
             raise ValueError(f"config field 'partial_rotary_factors[{i}]' must be in (0, 1], got {p!r}")
-    limits = [float(x or 0.0) for x in _per_layer(cfg, "swiglu_limits", n, 0.0)]
-    limits_shared = [float(x or 0.0) for x in _per_layer(cfg, "swiglu_limits_shared", n, 0.0)]
+    limits = [float(x or 0.0) for x in _per_layer(cfg, "swiglu_limits", n, 0.0, nullable=True)]
+    limits_shared = [float(x or 0.0) for x in _per_layer(cfg, "swiglu_limits_shared", n, 0.0, nullable=True)]
 
-    other = cfg.get("attention_other_setting") or {}
+    other = _field(cfg, "attention_other_setting", {}, dict)
     if other and other.get("attention_type", SLIDING) != SLIDING:
         raise ValueError(
             f"config field 'attention_other_setting.attention_type' is {other.get('attention_type')!r}; "
             f"expected '{SLIDING}'"
         )
-    s_heads = other.get("num_attention_heads")
-    s_kv = other.get("num_attention_groups")
-    s_hd = other.get("head_dim")
+    s_heads, s_kv, s_hd = (
+        _field(other, k, None, int, positive=True, label=f"attention_other_setting.{k}")
+        for k in ("num_attention_heads", "num_attention_groups", "head_dim")
+    )
     for name, h, k in (("num_attention_heads / num_attention_groups", heads, kv_heads),
                        ("attention_other_setting.num_attention_heads / num_attention_groups",
                         s_heads or heads, s_kv or kv_heads)):
         if k <= 0 or h % k != 0:
             raise ValueError(f"config fields {name}: {h} query heads do not divide into {k} kv heads")
 
-    if cfg.get("use_moe", True) is False:
+    if _field(cfg, "use_moe", True, bool) is False:
         moe_layers: frozenset[int] = frozenset()
     elif cfg.get("moe_layers_enum"):
         try:
@@ -234,30 +314,30 @@ def _parse(config: dict[str, Any]) -> ModelConfig:
             raise ValueError(f"config field 'moe_layers_enum' names layers {sorted(bad)} outside the trunk [0, {n_layers})")
     else:
         moe_layers = frozenset(range(1, n_layers))
-    top_k = cfg.get("moe_top_k", 8)
-    n_experts = cfg.get("moe_num_experts", 288)
+    top_k = _field(cfg, "moe_top_k", 8, int)
+    n_experts = _field(cfg, "moe_num_experts", 288, int, positive=True)
     if moe_layers and not 0 < top_k <= n_experts:
         raise ValueError(f"config field 'moe_top_k' ({top_k}) must be in [1, moe_num_experts={n_experts}]")
     activation = cfg.get("moe_router_activation", "sigmoid")
     if moe_layers and activation != "sigmoid":
         raise ValueError(f"config field 'moe_router_activation' is {activation!r}; only 'sigmoid' is supported")
-    if cfg.get("sink", False):
+    if _field(cfg, "sink", False, bool):
         raise ValueError("config field 'sink' is true; attention sinks are not part of Step 3.5 and unsupported")
 
-    eps = cfg.get("rms_norm_eps")
-    eos = config.get("eos_token_id", cfg.get("eos_token_id", []))
-    if isinstance(eos, int):
-        eos = [eos]
-    rope_scaling = cfg.get("rope_scaling")
-    if rope_scaling is not None:
-        kind = rope_scaling.get("rope_type", rope_scaling.get("type"))
-        if kind not in ("llama3", "default"):
-            raise ValueError(f"config field 'rope_scaling.rope_type' is {kind!r}; only 'llama3' is supported")
-        if kind == "default":
-            rope_scaling = None
+    eps = _field(cfg, "rms_norm_eps", 1e-5, float, positive=True)
+    eos = config.get("eos_token_id", cfg.get("eos_token_id"))
+    eos = [] if eos is None else [eos] if _is(eos, int) else eos
+    if not isinstance(eos, list) or not all(_is(t, int) for t in eos):
+        raise ValueError(f"config field 'eos_token_id' must be an int or a list of ints, got {eos!r}")
+    bos = _field({"bos_token_id": config.get("bos_token_id", cfg.get("bos_token_id"))}, "bos_token_id", None, int)
+    rope_scaling = _rope_scaling(cfg)
+    yarn_only = _field(cfg, "yarn_only_types", None, list)
+    if yarn_only is not None and not all(isinstance(t, str) for t in yarn_only):
+        raise ValueError(f"config field 'yarn_only_types' must be a list of attention types, got {yarn_only!r}")
     window = cfg.get("sliding_window", 512)
-    if not isinstance(window, int) or window <= 0:
+    if not _is(window, int) or window <= 0:
         raise ValueError(f"config field 'sliding_window' must be a positive int, got {window!r}")
+    _check_quantization(config.get("quantization"))
 
     return ModelConfig(
         model_type=model_type,
@@ -275,23 +355,23 @@ def _parse(config: dict[str, Any]) -> ModelConfig:
         swiglu_limits=limits,
         swiglu_limits_shared=limits_shared,
         moe_layers=moe_layers,
-        rms_norm_eps=1e-5 if eps is None else float(eps),
+        rms_norm_eps=float(eps),
         sliding_window=window,
-        max_position_embeddings=cfg.get("max_position_embeddings", 262144),
+        max_position_embeddings=_field(cfg, "max_position_embeddings", 262144, int, positive=True),
         rope_scaling=rope_scaling,
-        yarn_only_types=cfg.get("yarn_only_types"),
+        yarn_only_types=yarn_only,
         sliding_num_heads=s_heads,
         sliding_num_kv_heads=s_kv,
         sliding_head_dim=s_hd,
-        use_head_wise_attn_gate=cfg.get("use_head_wise_attn_gate", True),
+        use_head_wise_attn_gate=_field(cfg, "use_head_wise_attn_gate", True, bool),
         moe_num_experts=n_experts,
         moe_top_k=top_k,
-        moe_intermediate_size=cfg.get("moe_intermediate_size", 1280),
-        share_expert_dim=cfg.get("share_expert_dim", 1280),
-        moe_router_scaling_factor=float(cfg.get("moe_router_scaling_factor", 3.0)),
-        norm_expert_weight=cfg.get("norm_expert_weight", True),
-        tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-        bos_token_id=config.get("bos_token_id", cfg.get("bos_token_id")),
-        eos_token_id=list(eos or []),
+        moe_intermediate_size=_field(cfg, "moe_intermediate_size", 1280, int, positive=True),
+        share_expert_dim=_field(cfg, "share_expert_dim", 1280, int, positive=True),
+        moe_router_scaling_factor=float(_field(cfg, "moe_router_scaling_factor", 3.0, float)),
+        norm_expert_weight=_field(cfg, "norm_expert_weight", True, bool),
+        tie_word_embeddings=_field(cfg, "tie_word_embeddings", False, bool),
+        bos_token_id=bos,
+        eos_token_id=list(eos),
         raw=config,
     )

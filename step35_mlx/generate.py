@@ -33,8 +33,9 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import mlx.core as mx
 
+from .distributed.sync import root_tokens
 from .reasoning import THINK_CLOSE, THINK_OPEN, ReasoningSplitter
-from .sampling import SamplingParams, probs, sample
+from .sampling import SamplingParams, sample_token
 from .text import check_text
 from .tool_calls import ToolCall, ToolCallParser
 from .tuned import load_choice
@@ -375,7 +376,7 @@ def ar_tokens(
     def pick(logits: mx.array, hist: mx.array) -> mx.array:
         for proc in processors:
             logits = proc(hist, logits)
-        return sample(probs(logits, params), next_key()).astype(mx.int32)
+        return root_tokens(model, sample_token(logits, params, next_key()).astype(mx.int32))
 
     # All but the last token go through the trunk with only the cache evaluated, so no position but
     # the last runs the final layer's FFN (no cache needs it), as in mlx-lm; the last token gives the logits.

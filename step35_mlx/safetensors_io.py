@@ -8,7 +8,8 @@ The converter never holds a whole checkpoint (or a whole output shard) in memory
 * :class:`ShardWriter` writes a shard whose layout (names, dtypes, shapes, offsets)
   was planned up front: the header goes first, tensor bytes are written at their
   planned offsets as they are produced, and the file appears under its final name
-  only after it is complete (``NAME.tmp`` + ``fsync`` + ``os.replace``).
+  only after it is complete (``NAME.tmp`` + ``fsync`` + ``os.replace``); its sha256 is
+  computed while it is written.
 
 Format: 8-byte little-endian header length N, N bytes of JSON
 ``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}``
@@ -18,6 +19,7 @@ relative to the end of the header and tile the data region without gaps.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -203,14 +205,21 @@ def fsync_dir(path: Path) -> None:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``path`` so that it is either absent/old or complete: ``.tmp`` + fsync + rename."""
+    """Write ``path`` so that it is either absent/old or complete: ``.tmp`` + fsync + rename.
+
+    On failure (disk full, read-only file system, ...) the ``.tmp`` is removed and the ``OSError`` raised.
+    """
     path = Path(path)
     tmp = tmp_path(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)
 
 
@@ -218,35 +227,110 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
-class ShardWriter:
-    """Writes one planned shard to ``NAME.tmp``; :meth:`commit` renames it to ``NAME``."""
+HASH_CHUNK = 8 * 2**20
 
-    def __init__(self, path: Path, header: bytes, data_size: int):
+
+class ShardWriter:
+    """Writes one planned shard to ``NAME.tmp``; :meth:`commit` renames it to ``NAME``.
+
+    The sha256 of the whole file is computed while writing (:attr:`sha256` after ``commit``):
+    bytes written at the hash position are hashed at once; bytes written ahead of it (a
+    quantized tensor's scales and biases, produced alongside its packed weight) are kept in
+    memory up to ``max_pending`` bytes and hashed when the position reaches them. Only what
+    exceeds that budget, never written regions or overlapping rewrites are read back from
+    the file, so a shard written in planned order is never re-read
+    (:attr:`reread_bytes` counts what was).
+    """
+
+    def __init__(self, path: Path, header: bytes, data_size: int, *, max_pending: int = 256 * 2**20):
         self.path = Path(path)
         self.tmp = tmp_path(self.path)
         self.header_len = len(header)
         self.total = len(header) + data_size
-        self._f = open(self.tmp, "wb")
-        self._f.write(header)
-        self._f.truncate(self.total)
+        self.sha256: str | None = None
+        self.reread_bytes = 0
+        self._sha = hashlib.sha256(header)
+        self._hashed = len(header)  # file offset up to which bytes are hashed
+        self._pending: dict[int, tuple[int, bytes | None]] = {}  # file offset -> (length, bytes or None)
+        self._pending_bytes = 0
+        self._max_pending = max_pending
+        self._rehash = False
+        self._f = open(self.tmp, "w+b")
+        try:
+            self._f.write(header)
+            self._f.truncate(self.total)
+        except BaseException:
+            self.abort()
+            raise
 
     def write_at(self, data_offset: int, data) -> None:
         """Write ``data`` (bytes or a C-contiguous NumPy array) at ``data_offset`` in the data region."""
-        self._f.seek(self.header_len + data_offset)
+        pos = self.header_len + data_offset
         if isinstance(data, np.ndarray):
             data = np.ascontiguousarray(data).reshape(-1).view(np.uint8).data
-        self._f.write(data)
+        view = memoryview(data).cast("B")
+        self._f.seek(pos)
+        self._f.write(view)
+        self._track(pos, view)
 
-    def commit(self) -> None:
+    def _track(self, pos: int, view: memoryview) -> None:
+        n = len(view)
+        if pos == self._hashed:
+            self._sha.update(view)
+            self._hashed += n
+            self._drain()
+        elif pos < self._hashed or pos in self._pending:
+            self._rehash = True  # an overwrite: hash the finished file instead
+        elif self._pending_bytes + n <= self._max_pending:
+            self._pending[pos] = (n, bytes(view))
+            self._pending_bytes += n
+        else:
+            self._pending[pos] = (n, None)
+
+    def _drain(self) -> None:
+        while self._hashed in self._pending:
+            n, data = self._pending.pop(self._hashed)
+            if data is None:
+                self._hash_from_file(self._hashed, self._hashed + n)
+            else:
+                self._pending_bytes -= n
+                self._sha.update(data)
+                self._hashed += n
+
+    def _hash_from_file(self, start: int, end: int) -> None:
+        self._f.flush()
+        fd = self._f.fileno()
+        pos = start
+        while pos < end:
+            chunk = os.pread(fd, min(HASH_CHUNK, end - pos), pos)
+            if not chunk:
+                raise SafetensorsError(f"{self.tmp}: short read at byte {pos} while hashing")
+            self._sha.update(chunk)
+            pos += len(chunk)
+        self.reread_bytes += end - start
+        self._hashed = end
+
+    def commit(self) -> str:
+        """fsync, finish the checksum, rename ``NAME.tmp`` to ``NAME``; returns the sha256 (hex)."""
         self._f.flush()
         os.fsync(self._f.fileno())
+        if self._rehash or any(p < self._hashed for p in self._pending):
+            self._sha, self._hashed = hashlib.sha256(), 0
+        self._pending.clear()
+        self._hash_from_file(self._hashed, self.total)
         self._f.close()
         if self.tmp.stat().st_size != self.total:
             raise SafetensorsError(f"{self.tmp} has {self.tmp.stat().st_size} bytes, expected {self.total}")
+        self.sha256 = self._sha.hexdigest()
         os.replace(self.tmp, self.path)
         fsync_dir(self.path.parent)
+        return self.sha256
 
     def abort(self) -> None:
-        """Close without renaming; the ``.tmp`` stays (a rerun overwrites it)."""
+        """Close without renaming and remove the ``.tmp`` (nothing half-written stays behind)."""
         if not self._f.closed:
-            self._f.close()
+            try:
+                self._f.close()
+            except OSError:
+                pass  # a failed flush of a shard that is being discarded anyway
+        self.tmp.unlink(missing_ok=True)

@@ -337,10 +337,10 @@ def test_interrupted_conversion_resumes_byte_identical(src_f32, tmp_path):
     first = sorted(n for n in expected if n.startswith("model-0"))[0]
     assert final_files(out) == [first]  # only shard 1 under a final name
     assert not verify(out).ok
-    # Crash in the middle of shard 2 (a .tmp is left behind, never a final-named partial file).
+    # An exception in the middle of shard 2: its .tmp is removed, never a final-named partial file.
     with pytest.raises(Crash):
         convert_checkpoint(src_f32, out, hook=_crash_at("chunk", 2), **kw)
-    assert any(p.name.endswith(".tmp") for p in out.iterdir())
+    assert not any(p.name.endswith(".tmp") for p in out.iterdir())
     assert final_files(out) == [first]
     res = convert_checkpoint(src_f32, out, **kw)
     assert res.skipped_shards == 1
@@ -368,6 +368,7 @@ def test_killed_converter_process_resumes_byte_identical(src_f32, tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, timeout=120)
     assert proc.returncode == -9, proc.stderr.decode()[-2000:]
     assert not (out / "config.json").exists()
+    assert any(p.name.endswith(".tmp") for p in out.iterdir())  # a killed process leaves its .tmp
     with pytest.raises(ConvertError, match="different settings"):
         convert_checkpoint(src_f32, out, recipe="q4", shard_size=90_000, progress=False)
     convert_checkpoint(src_f32, out, **kw)

@@ -161,7 +161,8 @@ def test_concurrent_clients_share_the_cache_and_get_cold_answers():
             assert usage["prompt_tokens_details"]["cached_tokens"] >= before["prompt_tokens"] - 2
             assert answer == cold(msgs)
         with urllib.request.urlopen(base + "/health", timeout=5) as resp:
-            assert json.loads(resp.read())["prefix_cache"]["hits"] >= 5
+            # two system-prompt hits, then at least two second turns the session's own cache could not serve
+            assert json.loads(resp.read())["prefix_cache"]["hits"] >= 4
     finally:
         srv.should_exit = True
         t.join(10)

@@ -13,10 +13,12 @@ from typing import Iterator, Optional
 import typer
 
 from .common import (CACHE_DIR_OPTION, CACHE_DISK_OPTION, DRAFT_DEPTH_OPTION, KV_BITS_OPTION, MAX_CONTEXT_OPTION,
-                     MODEL_OPTION, MTP_OPTION, PREFILL_STEP_OPTION, SEED_OPTION, cache_budgets, fail,
+                     MAX_TOKENS_OPTION, MIN_P_OPTION, MODEL_OPTION, MTP_OPTION, PREFILL_STEP_OPTION, SEED_OPTION,
+                     SYSTEM_OPTION, TEMPERATURE_OPTION, TOP_K_OPTION, TOP_P_OPTION, cache_budgets, fail,
                      open_prefix_cache, printable, stats_line)
 from ..text import invalid_text_reason
 from .loading import load_for_cli
+from .parallel import PARALLEL_OPTION, SPLIT_OPTION
 
 CHAT_CACHE_RAM = 10**9  # RAM tier in front of chat's --cache-disk (entries wait there until written)
 
@@ -131,12 +133,12 @@ class _Printer:
 
 def chat(
     model: Optional[str] = MODEL_OPTION,
-    system: Optional[str] = typer.Option(None, "--system", "-s", help="System prompt."),
-    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", "-n", help="Most tokens per answer (default: generation_config.json, else 8192, within the context)."),
-    temperature: Optional[float] = typer.Option(None, "--temperature", "-t", help="Sampling temperature; 0 is greedy (default: generation_config.json, else 1.0)."),
-    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling mass (default 0.95)."),
-    top_k: Optional[int] = typer.Option(None, "--top-k", help="Keep the k most likely tokens; 0 = off."),
-    min_p: Optional[float] = typer.Option(None, "--min-p", help="Drop tokens below min_p x the top probability."),
+    system: Optional[str] = SYSTEM_OPTION,
+    max_tokens: Optional[int] = MAX_TOKENS_OPTION,
+    temperature: Optional[float] = TEMPERATURE_OPTION,
+    top_p: Optional[float] = TOP_P_OPTION,
+    top_k: Optional[int] = TOP_K_OPTION,
+    min_p: Optional[float] = MIN_P_OPTION,
     seed: Optional[int] = SEED_OPTION,
     show_reasoning: bool = typer.Option(True, "--show-reasoning/--hide-reasoning", help="Stream the reasoning dimmed, or collapse it to one line."),
     mtp: Optional[bool] = MTP_OPTION,
@@ -146,6 +148,8 @@ def chat(
     kv_bits: Optional[int] = KV_BITS_OPTION,
     cache_disk: str = CACHE_DISK_OPTION,
     cache_dir: Path = CACHE_DIR_OPTION,
+    parallel: Optional[str] = PARALLEL_OPTION,
+    split: Optional[str] = SPLIT_OPTION,
 ) -> None:
     """Chat in the terminal: streaming answers, reasoning dimmed, the KV cache kept between turns.
 
@@ -163,10 +167,12 @@ def chat(
         console.print(msg, style="yellow", markup=False)
 
     _, disk = cache_budgets("0", cache_disk, cache_dir)
+    if parallel is not None and disk:
+        fail("--cache-disk does not work with --parallel yet (each rank holds part of the cache)")
     ram = CHAT_CACHE_RAM if disk else 0
     try:
         loaded = load_for_cli(model, warn, max_context=max_context, kv_bits=kv_bits, mtp=mtp,
-                              prefill_step=prefill_step, cache_ram=ram)
+                              prefill_step=prefill_step, parallel=parallel, split=split, cache_ram=ram)
         prefix_cache = open_prefix_cache(loaded.model, ram, disk, cache_dir, warn, kv_bits)
         try:
             session = ChatSession(loaded.model, loaded.tokenizer, system=system, max_tokens=max_tokens,
@@ -176,6 +182,11 @@ def chat(
                                   prefill_step=prefill_step, prefix_cache=prefix_cache)
         except ValueError as e:
             fail(str(e))
+        if parallel is not None:
+            from .parallel import chat_across_ranks
+
+            return chat_across_ranks(session, loaded.model.token_group,
+                                     lambda s: _converse(console, s, show_reasoning))
         console.print(f"step35-mlx chat · {loaded.path} · context limit {session.context_limit} tokens",
                       style="bold", markup=False)
         console.print("Type a message. /help lists commands; Ctrl-C stops an answer; Ctrl-D exits.", style="dim")
@@ -231,6 +242,9 @@ def _converse(console, session, show_reasoning: bool) -> None:
                         break
             except KeyboardInterrupt:
                 interrupted = True
+            except RuntimeError as e:  # MLX could not run an operation (e.g. a kernel its backend lacks)
+                printer.end()
+                console.print(f"error: the MLX backend could not run this: {e}", style="red", markup=False)
             finally:
                 stream.close()
                 printer.end()

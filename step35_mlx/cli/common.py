@@ -45,6 +45,12 @@ def open_prefix_cache(model, ram: int, disk: int, cache_dir: Path, warn, kv_bits
         fail(str(e))
     except OSError as e:
         fail(f"--cache-dir {cache_dir}: {e.strerror or e}")
+SYSTEM_OPTION = typer.Option(None, "--system", "-s", help="System prompt.")
+MAX_TOKENS_OPTION = typer.Option(None, "--max-tokens", "-n", help="Most tokens per answer (default: generation_config.json, else 8192, within the context).")
+TEMPERATURE_OPTION = typer.Option(None, "--temperature", "-t", help="Sampling temperature; 0 is greedy (default: generation_config.json, else 1.0).")
+TOP_P_OPTION = typer.Option(None, "--top-p", help="Nucleus sampling mass (default: generation_config.json, else 0.95).")
+TOP_K_OPTION = typer.Option(None, "--top-k", help="Keep the k most likely tokens; 0 = off.")
+MIN_P_OPTION = typer.Option(None, "--min-p", help="Drop tokens below min_p x the top probability.")
 
 
 def fail(message: str, code: int = 2) -> NoReturn:

@@ -166,6 +166,8 @@ def convert_cmd(
                                     log=console.print)
     except (ConvertError, ValueError, FileNotFoundError) as e:
         fail(str(e))
+    except OSError as e:
+        fail(f"{e.strerror or e}" + (f": {e.filename}" if e.filename else ""))
     except KeyboardInterrupt:
         fail("interrupted; rerun the same command to resume from the last complete shard", 130)
     plan = result.plan
@@ -176,19 +178,32 @@ def convert_cmd(
         )
 
 
-def verify_cmd(folder: Path = typer.Argument(..., help="A folder written by `step35-mlx convert`.")) -> None:
+def verify_cmd(
+    folder: Path = typer.Argument(..., help="A folder written by `step35-mlx convert`."),
+    deep: bool = typer.Option(False, "--deep", help="Also read every shard and compare its sha256 with the "
+                                                    "checksum recorded at conversion (minutes for the full model)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar for --deep."),
+) -> None:
     """Check a converted folder: config, every expected tensor (name, shape, dtype), shard integrity.
 
-    Reads only headers, so it takes seconds even for the full model. Exit code 0 when
-    everything is in order, 1 when problems are found.
+    By default reads only config.json, the index and the shard headers, so it takes seconds
+    even for the full model: config.json parses exactly as `load` parses it; every shard's
+    header is valid and its file exactly as long as the header says; the index matches the
+    shards; every tensor the model expects is present with the right shape and dtype, and
+    nothing else; no unfinished conversion is left. --deep also hashes every shard's bytes
+    and compares them with the sha256 the converter recorded, naming any shard whose data
+    changed. Exit code 0 when everything is in order, 1 when problems are found, 2 when the
+    folder cannot be checked at all (missing, or config.json invalid).
 
-    Example: step35-mlx verify ~/models/step35-q4
+    Example: step35-mlx verify ~/models/step35-q4 --deep
     """
     from ..convert.verify import verify
 
     if not folder.expanduser().is_dir():
         fail(f"folder not found: {folder}")
-    rep = verify(folder.expanduser())
+    rep = verify(folder.expanduser(), deep=deep, progress=deep and not quiet)
+    if rep.fatal:
+        fail(rep.fatal)
     for line in rep.summary().splitlines():
         color = typer.colors.RED if line.startswith(("problem", "FAILED")) else (
             typer.colors.YELLOW if line.startswith("warning") else (typer.colors.GREEN if line == "OK" else None))

@@ -160,6 +160,8 @@ def plan(
     as_json: bool = typer.Option(False, "--json", help="Print the plan, the verdicts and the context table as JSON."),
     cache_ram: str = typer.Option("0", "--cache-ram", help="RAM budget of serve's prefix cache to count (e.g. 8GB; "
                                   "default 0)."),
+    hosts: Optional[str] = typer.Option(None, "--hosts", help="Several Macs, e.g. 2x64GB or 128GB,64GB: per-rank "
+                                        "memory of each --parallel mode and recipe, and the launch line."),
 ) -> None:
     from ..hub import ModelNotFoundError
     from ..plan import (
@@ -180,6 +182,10 @@ def plan(
             raise ValueError(f"--context {context} is outside 1..{limit:,} (the model's maximum context)")
         if prefill_step < 1:
             raise ValueError("--prefill-step must be >= 1")
+        if hosts is not None:
+            from .parallel import print_hosts_plan
+
+            return print_hosts_plan(cfg, hosts, recipe, ctx if context is not None else 32768)
         if mtp and not cfg.num_nextn_predict_layers:
             mtp = False
         ram = parse_budget(cache_ram, "--cache-ram")

@@ -10,6 +10,7 @@ import typer
 from .common import (CACHE_DIR_OPTION, CACHE_DISK_OPTION, MAX_CONTEXT_OPTION, MODEL_OPTION, MTP_OPTION, cache_budgets,
                      fail, open_prefix_cache)
 from .loading import load_for_cli
+from .parallel import PARALLEL_OPTION, SPLIT_OPTION
 
 
 def serve(
@@ -25,6 +26,8 @@ def serve(
     cache_ram: str = typer.Option("8GB", "--cache-ram", help="Prefix cache in RAM: KV state of earlier prompts reused by every client (0 turns it off)."),
     cache_disk: str = CACHE_DISK_OPTION,
     cache_dir: Path = CACHE_DIR_OPTION,
+    parallel: Optional[str] = PARALLEL_OPTION,
+    split: Optional[str] = SPLIT_OPTION,
 ) -> None:
     """Serve a model over HTTP for OpenAI and Anthropic clients (Claude Code, opencode, SDKs).
 
@@ -43,8 +46,18 @@ def serve(
     except ValueError as e:
         fail(f"--max-body: {e}")
     ram, disk = cache_budgets(cache_ram, cache_disk, cache_dir)
+    if parallel is not None and (ram or disk):
+        # each rank holds only its share of the KV state: a prefix cache would store partial entries
+        if disk:
+            fail("--cache-disk does not work with --parallel yet (each rank holds part of the cache)")
+        ram = 0
     loaded = load_for_cli(model, lambda text: typer.echo(text, err=True), max_context=max_context, mtp=mtp,
-                          cache_ram=ram)
+                          parallel=parallel, split=split, cache_ram=ram)
+    channel = None
+    if parallel is not None:
+        from ..distributed.serving import JobChannel
+
+        channel = JobChannel(loaded.model.token_group)
     if not model_name:
         model_name = ("step35-mlx-demo" if model in (None, "demo")
                       else loaded.path.name if Path(model).expanduser().exists() else model)
@@ -52,10 +65,15 @@ def serve(
     try:
         app = create_app(loaded.model, loaded.tokenizer, model_name=model_name, api_key=api_key,
                          max_queue=max_queue, generation_config=loaded.generation_config,
-                         max_body_bytes=max_body_bytes, max_context=loaded.context_limit, prefix_cache=prefix_cache,
+                         max_body_bytes=max_body_bytes, max_context=loaded.context_limit, channel=channel,
+                         prefix_cache=prefix_cache,
                          **({"mtp": mtp} if mtp is not None else {}))
     except ValueError as e:
         fail(str(e))
+    if channel is not None and not channel.leader:
+        from ..distributed.serving import follow
+
+        return follow(app.state.engine, channel)  # rank 0 serves HTTP; this rank runs its generations
     shown = "localhost" if host in ("0.0.0.0", "::") else host
     base = f"http://{shown}:{port}"
     typer.echo(f"serving {loaded.path} as '{model_name}'")

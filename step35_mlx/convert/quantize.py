@@ -15,21 +15,28 @@ How it works
 3. **Write shard by shard**: a shard is written to ``NAME.tmp`` (header first, then
    each tensor's bytes at its planned offset, produced a slice of rows / experts at a
    time so peak memory is a few times ``chunk_elems``), fsync'd and renamed to its final
-   name. ``convert-progress.json`` (written atomically) records completed shards.
-4. **Finish**: ``model.safetensors.index.json``, tokenizer files, chat template and
-   generation config, and finally ``config.json`` (with the ``quantization`` block and a
-   ``step35_mlx`` block); then the progress file is removed.
+   name; its sha256 is computed while it is written (``ShardWriter``).
+   ``convert-progress.json`` (written atomically) records completed shards and their sha256.
+4. **Finish**: ``model.safetensors.index.json`` (with every shard's sha256 under
+   ``metadata.step35_mlx_sha256``), tokenizer files, chat template and generation config,
+   and finally ``config.json`` (with the ``quantization`` block and a ``step35_mlx``
+   block); then the progress file is removed.
 
-A rerun with the same source and options skips the shards already complete (checked
-against their planned size and header) and produces byte-identical files; a rerun
-with different options into the same folder is refused.
+A rerun with the same source and options keeps the shards already complete (planned size
+and header, then their sha256 recomputed and compared with the recorded one; a shard
+whose bytes changed is rewritten) and produces byte-identical files; a rerun with
+different options into the same folder is refused. A failure of the file system (disk
+full, read-only, no permission) raises ``ConvertError`` with one plain sentence; the
+shard being written is removed and a rerun resumes.
 """
 
 from __future__ import annotations
 
 import copy
+import errno
 import hashlib
 import json
+import os
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -44,6 +51,8 @@ from ..quant.recipes import (
 from ..safetensors_io import (
     ShardWriter, SafetensorsError, SafetensorsFile, atomic_write_bytes, atomic_write_json, encode_header, nbytes,
 )
+from .integrity import CHECKSUM_KEY, file_sha256, write_failure
+from .progress import byte_progress
 from .source import ConvertError, SourceCheckpoint, SourceTensor
 
 FORMAT_VERSION = 1
@@ -313,11 +322,22 @@ def _check_out_dir(out: Path, plan: ConversionPlan) -> tuple[dict | None, bool]:
     return None, False
 
 
+def _existing(path: Path) -> Path:
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def _check_writable(out: Path) -> None:
+    """Refuse up front when ``out`` cannot be written (read-only file system, no permission)."""
+    probe = _existing(out)
+    if not os.access(probe, os.W_OK | os.X_OK):
+        code = errno.EROFS if os.statvfs(probe).f_flag & os.ST_RDONLY else errno.EACCES
+        raise ConvertError(write_failure(OSError(code, os.strerror(code), str(probe)), out))
+
+
 def _check_disk(out: Path, needed: int) -> None:
-    probe = out
-    while not probe.exists():
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
+    free = shutil.disk_usage(_existing(out)).free
     if needed > free:
         raise ConvertError(
             f"the conversion needs {needed / 1e9:.1f} GB more in {out}, but only {free / 1e9:.1f} GB are free; "
@@ -353,7 +373,8 @@ def convert_checkpoint(
     ``hook(event, **info)`` is called after every tensor written into a shard (``"chunk"``,
     with ``shard`` and ``tensor``) and after every committed shard (``"shard_done"``, with
     ``shard``, 1-based); tests use it to simulate a crash. Raises ``ConvertError`` for user-facing
-    problems (bad source, non-empty or foreign output folder, not enough disk).
+    problems (bad source, non-empty or foreign output folder, not enough disk, a file-system
+    failure while writing).
     """
     log = log or (lambda msg: None)
     src = source if isinstance(source, SourceCheckpoint) else SourceCheckpoint(Path(source), keep_mtp=keep_mtp)
@@ -361,86 +382,85 @@ def convert_checkpoint(
     out = Path(out)
     prior, complete = _check_out_dir(out, plan)
     if complete:
-        log(f"{out} already holds this conversion; nothing to do")
+        log(f"{out} already holds this conversion; nothing to do (`step35-mlx verify --deep {out}` checks its data)")
         return ConvertResult(out, plan, 0, len(plan.shards), already_complete=True)
 
-    done = set((prior or {}).get("completed", []))
-    todo_names = {s.name for s in plan.shards if not (s.name in done and _shard_complete(out / s.name, s))}
-    todo = [s for s in plan.shards if s.name in todo_names]
-    _check_disk(out, sum(s.size for s in todo) + 64 * 2**20)
+    _check_writable(out)
+    try:
+        kept = _kept_shards(out, plan, prior, progress, log) if prior else {}
+        _check_disk(out, sum(s.size for s in plan.shards if s.name not in kept) + 64 * 2**20)
+        with byte_progress(progress) as bar:
+            written = _write_shards(src, plan, out, kept, bar, chunk_elems, log, hook)
+    except OSError as e:
+        raise ConvertError(write_failure(e, out, Path(e.filename).name if e.filename else None)) from e
+    log(f"wrote {len(plan.shards)} shard(s), {plan.total_bytes / 1e9:.2f} GB, to {out}")
+    return ConvertResult(out, plan, written, len(plan.shards) - written)
+
+
+def _kept_shards(out: Path, plan: ConversionPlan, prior: dict, progress: bool,
+                 log: Callable[[str], None]) -> dict[str, str]:
+    """``{name: sha256}`` of the shards a previous run finished whose bytes still match their checksum.
+
+    A finished shard without a recorded checksum (a progress file of an older version) is rewritten.
+    """
+    done = set(prior.get("completed", []))
+    sums = prior.get("sha256") if isinstance(prior.get("sha256"), dict) else {}
+    candidates = [s for s in plan.shards if s.name in done and sums.get(s.name) and _shard_complete(out / s.name, s)]
+    kept: dict[str, str] = {}
+    if not candidates:
+        return kept
+    with byte_progress(progress) as bar:
+        task = bar.add_task("checking finished shards", total=sum(s.size for s in candidates))
+        for s in candidates:
+            if file_sha256(out / s.name, lambda n: bar.advance(task, n)) == sums[s.name]:
+                kept[s.name] = sums[s.name]
+            else:
+                log(f"{s.name} changed since it was written (sha256 mismatch); rewriting it")
+    return kept
+
+
+def _write_shards(src: SourceCheckpoint, plan: ConversionPlan, out: Path, kept: dict[str, str], bar,
+                  chunk_elems: int, log: Callable[[str], None], hook: Hook | None) -> int:
+    """Write every shard not in ``kept``, then the index, extras and config; returns shards written."""
+    todo = [s for s in plan.shards if s.name not in kept]
     out.mkdir(parents=True, exist_ok=True)
-    completed = [s.name for s in plan.shards if s.name not in todo_names]
-    state = {"fingerprint": plan.fingerprint, "shards": [s.name for s in plan.shards], "completed": completed}
+    state = {"fingerprint": plan.fingerprint, "shards": [s.name for s in plan.shards],
+             "completed": [s.name for s in plan.shards if s.name in kept], "sha256": dict(kept)}
     atomic_write_json(out / PROGRESS_FILE, state)
-    if completed:
-        log(f"resuming: {len(completed)} of {len(plan.shards)} shards already complete")
+    if kept:
+        log(f"resuming: {len(kept)} of {len(plan.shards)} shards already complete (checksums re-checked)")
+    task = bar.add_task("converting", total=plan.total_bytes, completed=sum(s.size for s in plan.shards if s.name in kept))
+    for shard in todo:
+        bar.update(task, description=f"shard {shard.index}/{len(plan.shards)}")
+        writer = ShardWriter(out / shard.name, shard.header, shard.data_size)
+        try:
+            bar.advance(task, len(shard.header))
+            for it in shard.items:
+                _write_item(writer, it, chunk_elems, lambda n: bar.advance(task, n))
+                if hook:
+                    hook("chunk", shard=shard.index, tensor=it.src.name)
+            digest = writer.commit()
+        except BaseException as e:
+            writer.abort()
+            if isinstance(e, OSError):
+                done = f"{shard.name} ({len(state['completed'])} of {len(plan.shards)} shards complete)"
+                raise ConvertError(write_failure(e, out, done)) from e
+            raise
+        state["completed"].append(shard.name)
+        state["sha256"][shard.name] = digest
+        atomic_write_json(out / PROGRESS_FILE, state)
+        if hook:
+            hook("shard_done", shard=shard.index)
 
-    bar = _progress_bar(progress)
-    written = 0
-    with bar:
-        task = bar.add_task("converting", total=plan.total_bytes,
-                            completed=sum(s.size for s in plan.shards if s.name not in todo_names))
-        for shard in plan.shards:
-            if shard.name not in todo_names:
-                continue
-            bar.update(task, description=f"shard {shard.index}/{len(plan.shards)}")
-            writer = ShardWriter(out / shard.name, shard.header, shard.data_size)
-            try:
-                bar.advance(task, len(shard.header))
-                for it in shard.items:
-                    _write_item(writer, it, chunk_elems, lambda n: bar.advance(task, n))
-                    if hook:
-                        hook("chunk", shard=shard.index, tensor=it.src.name)
-                writer.commit()
-            except BaseException:
-                writer.abort()
-                raise
-            written += 1
-            state["completed"].append(shard.name)
-            atomic_write_json(out / PROGRESS_FILE, state)
-            if hook:
-                hook("shard_done", shard=shard.index)
-
-    index = {"metadata": {"total_size": sum(s.data_size for s in plan.shards)},
-             "weight_map": dict(sorted(plan.weight_map.items()))}
-    atomic_write_json(out / INDEX_FILE, index)
+    metadata = {"total_size": sum(s.data_size for s in plan.shards),
+                CHECKSUM_KEY: {s.name: state["sha256"][s.name] for s in plan.shards}}
+    atomic_write_json(out / INDEX_FILE, {"metadata": metadata, "weight_map": dict(sorted(plan.weight_map.items()))})
     _copy_extras(src.path, out)
     atomic_write_json(out / "config.json", plan.config)
     (out / PROGRESS_FILE).unlink(missing_ok=True)
     for p in out.glob("*.tmp"):
         p.unlink(missing_ok=True)
-    log(f"wrote {len(plan.shards)} shard(s), {plan.total_bytes / 1e9:.2f} GB, to {out}")
-    return ConvertResult(out, plan, written, len(plan.shards) - written)
-
-
-class _NullProgress:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def add_task(self, *a, **k):
-        return 0
-
-    def update(self, *a, **k):
-        pass
-
-    def advance(self, *a, **k):
-        pass
-
-
-def _progress_bar(enabled: bool):
-    if not enabled:
-        return _NullProgress()
-    from rich.progress import (
-        BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn,
-    )
-
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-        TimeRemainingColumn(),
-    )
+    return len(todo)
 
 
 def parse_size(text: str) -> int:

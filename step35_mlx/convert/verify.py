@@ -13,6 +13,11 @@ Checks, in order:
    ``uint32``; scales/biases and unquantized tensors floating point; ``router_bias``
    float32); nothing unexpected is present;
 4. leftovers of an unfinished conversion (``*.tmp``, ``convert-progress.json``).
+
+These read only headers. ``deep=True`` also reads every shard's data and compares its
+sha256 with the one the converter recorded in the index (``metadata.step35_mlx_sha256``),
+naming each shard whose bytes changed; a folder without recorded checksums gets a
+warning saying its data could not be checked.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from pathlib import Path
 
 from ..loader import INDEX_FILE, _quantization_predicate, hf_to_internal
 from ..safetensors_io import SafetensorsError, SafetensorsFile
+from .integrity import CHECKSUM_KEY, file_sha256, recorded_checksums
+from .progress import byte_progress
 
 PROGRESS_FILE = "convert-progress.json"
 _FLOAT = ("F32", "F16", "BF16")
@@ -33,6 +40,8 @@ class VerifyReport:
     path: Path
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    fatal: str | None = None  # set when the folder cannot be checked at all (missing, invalid config.json)
     num_tensors: int = 0
     num_shards: int = 0
     data_bytes: int = 0
@@ -52,6 +61,7 @@ class VerifyReport:
         lines = [head]
         lines += [f"problem: {p}" for p in self.problems]
         lines += [f"warning: {w}" for w in self.warnings]
+        lines += self.notes
         lines.append("OK" if self.ok else f"FAILED ({len(self.problems)} problem(s))")
         return "\n".join(lines)
 
@@ -60,8 +70,11 @@ def _limit(items: list[str], n: int = 6) -> str:
     return ", ".join(items[:n]) + (f" ... ({len(items)} in all)" if len(items) > n else "")
 
 
-def verify(path: str | Path) -> VerifyReport:
-    """Check ``path`` (see module docstring); never raises for a damaged folder, reports instead."""
+def verify(path: str | Path, *, deep: bool = False, progress: bool = False) -> VerifyReport:
+    """Check ``path`` (see module docstring); never raises for a damaged folder, reports instead.
+
+    ``deep`` also hashes every shard against its recorded sha256 (``progress``: a Rich bar on stderr).
+    """
     import mlx.core as mx
     import mlx.nn as nn
     from mlx.utils import tree_flatten
@@ -72,12 +85,14 @@ def verify(path: str | Path) -> VerifyReport:
     path = Path(path)
     rep = VerifyReport(path)
     if not path.is_dir():
-        rep.problems.append(f"folder not found: {path}")
+        rep.fatal = f"folder not found: {path}"
+        rep.problems.append(rep.fatal)
         return rep
     try:
         config = ModelConfig.from_file(path)
-    except (FileNotFoundError, ValueError) as e:
-        rep.problems.append(f"config.json: {e}")
+    except (OSError, ValueError) as e:
+        rep.fatal = f"config.json: {e}"
+        rep.problems.append(rep.fatal)
         return rep
     meta = config.raw.get("step35_mlx")
     if not isinstance(meta, dict):
@@ -96,6 +111,7 @@ def verify(path: str | Path) -> VerifyReport:
     # -- shards
     index_path = path / INDEX_FILE
     weight_map: dict | None = None
+    index: dict = {}
     if index_path.exists():
         try:
             index = json.loads(index_path.read_text())
@@ -126,6 +142,11 @@ def verify(path: str | Path) -> VerifyReport:
         files[n] = {k: (t.dtype, t.shape) for k, t in st.tensors.items()}
         rep.data_bytes += st.data_size
     rep.num_shards = len(files)
+    if deep:
+        _check_data(rep, path, [n for n in names if n in files], recorded_checksums(index), progress)
+    else:
+        rep.notes.append("data: not read (headers only); `step35-mlx verify --deep` hashes every shard "
+                         "against its recorded sha256")
     located: dict[str, tuple[str, tuple[int, ...]]] = {}
     where: dict[str, str] = {}
     for n, tensors in files.items():
@@ -195,3 +216,29 @@ def verify(path: str | Path) -> VerifyReport:
     if not (path / "tokenizer.json").exists() and not (path / "tokenizer.model").exists():
         rep.warnings.append("no tokenizer files (tokenizer.json / tokenizer.model); `load` will need them")
     return rep
+
+
+def _check_data(rep: VerifyReport, path: Path, names: list[str], sums: dict[str, str] | None,
+                progress: bool) -> None:
+    """Hash every shard and compare with the recorded sha256 (``verify --deep``)."""
+    if sums is None:
+        rep.warnings.append(f"no checksums recorded ({INDEX_FILE} has no metadata.{CHECKSUM_KEY}: not written by "
+                            "this version of step35-mlx convert); --deep could not check the data")
+        return
+    unrecorded = [n for n in names if n not in sums]
+    if unrecorded:
+        rep.problems.append(f"no recorded sha256 for shard(s) {_limit(unrecorded)} in {INDEX_FILE}")
+    checked = [n for n in names if n in sums]
+    bar = byte_progress(progress, stderr=True)
+    bad = 0
+    with bar:
+        task = bar.add_task("hashing shards", total=sum((path / n).stat().st_size for n in checked))
+        for n in checked:
+            bar.update(task, description=f"hashing {n}")
+            digest = file_sha256(path / n, lambda k: bar.advance(task, k))
+            if digest != sums[n]:
+                bad += 1
+                rep.problems.append(f"shard {n}: data does not match its recorded sha256 (recorded {sums[n][:12]}..., "
+                                    f"file {digest[:12]}...): its bytes changed after conversion; re-convert the model")
+    if checked:
+        rep.notes.append(f"data: {len(checked) - bad} of {len(checked)} shard(s) match their recorded sha256")

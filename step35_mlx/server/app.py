@@ -45,13 +45,16 @@ from .schemas import AnthCountRequest, AnthRequest, OAIChatRequest, OAICompletio
 
 def create_app(model: Any, tokenizer: Any, *, model_name: str = "step-3.5-flash", api_key: str | None = None,
                max_queue: int = 8, generation_config: dict | None = None,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, prefix_cache: Any = None, **defaults: Any) -> FastAPI:
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, channel: Any = None, prefix_cache: Any = None,
+               **defaults: Any) -> FastAPI:
     """The ASGI app serving ``model``; ``defaults`` are ChatSession sampling defaults (``max_context``, ``mtp``...).
+
+    ``channel``: a ``distributed.serving.JobChannel`` when the model is split across ranks.
 
     Request bodies over ``max_body_bytes`` get 413 before they are read whole.
     """
     engine = Engine(model, tokenizer, max_queue=max_queue, generation_config=generation_config, defaults=defaults,
-                    prefix_cache=prefix_cache)
+                    channel=channel, prefix_cache=prefix_cache)
     app = FastAPI(title="step35-mlx", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
     created = int(time.time())
