@@ -40,8 +40,9 @@ from typing import Any, Iterator, Sequence
 
 import mlx.core as mx
 
-from .cache import SlidingKVCache
+from .cache import SlidingKVCache, _parts
 from .generate import GenerationChunk, GenerationStats, Settings, new_cache, prefill, resolve_settings, run
+from .prefix_cache.snapshots import RingSnapshot, ring_max_back
 from .reasoning import split_reasoning
 from .session_file import SESSION_FORMAT, SESSION_VERSION, read_session_file, write_session_file
 from .tool_calls import parse_tool_calls
@@ -58,44 +59,10 @@ def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
     return i
 
 
-def _parts(x: Any) -> tuple:
-    """A cache's stored keys/values as a tuple of arrays (one float array, or packed/scales/biases)."""
-    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
-
-
-def _copy(x: Any) -> Any:
-    """New array objects with the same contents (the cache updates its own arrays in place)."""
-    parts = tuple(mx.array(a) for a in _parts(x))
-    return parts if isinstance(x, (tuple, list)) else parts[0]
-
-
-@dataclass
-class _RingState:
-    """A sliding layer's ring as it was: new arrays plus the positions it holds."""
-
-    keys: Any  # mx.array, or a (packed, scales, biases) tuple for a quantized cache
-    values: Any
-    offset: int
-    low: int
-
-    @classmethod
-    def take(cls, c: SlidingKVCache) -> "_RingState":
-        return cls(_copy(c.keys), _copy(c.values), c.offset, c.low)
-
-    def put(self, c: SlidingKVCache) -> None:
-        c.keys, c.values = _copy(self.keys), _copy(self.values)
-        c.offset, c.low = self.offset, self.low
-
-    def max_trim(self, c: SlidingKVCache) -> int:
-        probe = SlidingKVCache(c.window, c.slack)
-        probe.offset, probe.low = self.offset, self.low
-        return probe.max_trim()
-
-
 @dataclass
 class _Snapshot:
     tokens: list[int]
-    rings: dict[int, _RingState]  # layer index -> ring state (sliding layers only)
+    rings: dict[int, RingSnapshot]  # layer index -> ring state (sliding layers only)
 
 
 @dataclass
@@ -258,7 +225,7 @@ class ChatSession:
         def on_prefilled() -> None:
             # The cache holds exactly `ids`: keep the sliding rings for the next user turn.
             if first_reply:
-                rings = {i: _RingState.take(c) for i, c in enumerate(self.cache) if isinstance(c, SlidingKVCache)}
+                rings = {i: RingSnapshot.take(c) for i, c in enumerate(self.cache) if isinstance(c, SlidingKVCache)}
                 mx.async_eval([[r.keys, r.values] for r in rings.values()])
                 self._snapshot = _Snapshot(list(ids), rings)
             if pc is not None:
@@ -357,7 +324,7 @@ class ChatSession:
         if snap is not None and len(snap.rings) == len(rings):
             d = min(_lcp(snap.tokens, ids), limit, _lcp(self.cache_tokens, snap.tokens))
             back = len(snap.tokens) - d
-            ok = all(back <= snap.rings[i].max_trim(c) for i, c in rings)
+            ok = all(back <= ring_max_back(c, snap.rings[i].offset, snap.rings[i].low) for i, c in rings)
             ok = ok and all(len(self.cache_tokens) - d <= c.max_trim() for c in full_layers)
             if ok and d > best:
                 best, source = d, "snapshot"
@@ -373,8 +340,7 @@ class ChatSession:
             for c in full_layers:
                 c.trim(len(self.cache_tokens) - best)
             for i, c in rings:
-                snap.rings[i].put(c)
-                c.trim(len(snap.tokens) - best)
+                snap.rings[i].put(c, best - len(snap.tokens) + snap.rings[i].offset)
         elif self.cache_tokens:
             self._new_cache()  # nothing reusable: prefill the whole conversation again
         self.cache_tokens = list(ids[:best])
@@ -466,7 +432,7 @@ class ChatSession:
         snap = meta.get("snapshot")
         if snap is not None:
             self._snapshot = _Snapshot(list(snap["tokens"]), {
-                int(i): _RingState(get(f"snapshot.{i}.keys", r["parts"]), get(f"snapshot.{i}.values", r["parts"]),
+                int(i): RingSnapshot(get(f"snapshot.{i}.keys", r["parts"]), get(f"snapshot.{i}.values", r["parts"]),
                                    r["offset"], r["low"])
                 for i, r in snap["rings"].items()
             })
