@@ -44,6 +44,13 @@ def mtp_module_bytes(model: Model, depth: int) -> int:
     return nbytes(model.model.mtp[depth])
 
 
+def mtp_draft_bytes(model: Model, depth: int, head_rows: int) -> int:
+    """Bytes one drafting call of module ``depth`` reads with a head of ``head_rows`` output rows."""
+    out = model.model.mtp[depth].shared_head.output
+    full = nbytes(out)
+    return nbytes(model.model.mtp[depth]) - full + full * head_rows // model.config.vocab_size
+
+
 class RoutingRecorder:
     """Context manager that records the experts each MoE layer selects in each forward."""
 
@@ -98,13 +105,19 @@ class DecodeCost:
 
 
 def decode_cost(model: Model, recorder: RoutingRecorder, tokens: int, trunk_forwards: int,
-                mtp_calls_per_module: list[int]) -> DecodeCost:
-    """Combine recorded routing with the fixed parts into bytes read per generated token."""
+                mtp_calls_per_module: list[int], mtp_bytes: list[int] | None = None) -> DecodeCost:
+    """Combine recorded routing with the fixed parts into bytes read per generated token.
+
+    ``mtp_bytes``: bytes per call of each MTP module when drafting does not read the whole
+    module (a reduced draft vocabulary); default :func:`mtp_module_bytes`.
+    """
+    if mtp_bytes is None:
+        mtp_bytes = [mtp_module_bytes(model, k) for k in range(len(mtp_calls_per_module))]
     return DecodeCost(
         tokens=tokens,
         trunk_forwards=trunk_forwards,
         mtp_calls=list(mtp_calls_per_module),
         trunk_fixed=trunk_forwards * trunk_fixed_bytes(model),
         routed=recorder.routed_bytes(),
-        mtp=sum(n * mtp_module_bytes(model, k) for k, n in enumerate(mtp_calls_per_module)),
+        mtp=sum(n * b for n, b in zip(mtp_calls_per_module, mtp_bytes)),
     )

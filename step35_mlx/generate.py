@@ -33,8 +33,9 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import mlx.core as mx
 
+from .distributed.sync import root_tokens
 from .reasoning import THINK_CLOSE, THINK_OPEN, ReasoningSplitter
-from .sampling import SamplingParams, probs, sample
+from .sampling import SamplingParams, sample_token
 from .text import check_text
 from .tool_calls import ToolCall, ToolCallParser
 from .tuned import load_choice
@@ -77,6 +78,7 @@ class GenerationStats:
     draft_depth: int = 0  # 0: plain decoding
     acceptance: list[float] = field(default_factory=list)  # MTP: P(draft i accepted | earlier ones were)
     tokens_per_verify: float = 0.0
+    cached_from: str = ""  # where the cached prompt tokens came from: "session", "ram", "disk" (prefix cache)
 
     def to_dict(self) -> dict:
         return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
@@ -374,7 +376,7 @@ def ar_tokens(
     def pick(logits: mx.array, hist: mx.array) -> mx.array:
         for proc in processors:
             logits = proc(hist, logits)
-        return sample(probs(logits, params), next_key()).astype(mx.int32)
+        return root_tokens(model, sample_token(logits, params, next_key()).astype(mx.int32))
 
     # All but the last token go through the trunk with only the cache evaluated, so no position but
     # the last runs the final layer's FFN (no cache needs it), as in mlx-lm; the last token gives the logits.
@@ -618,6 +620,7 @@ def stream_generate(
     generation_config: dict | None = None,
     kv_bits: int | None = None,
     kv_group_size: int | None = None,
+    prefix_cache: Any = None,
 ) -> Iterator[GenerationChunk]:
     """Generate a reply, one :class:`GenerationChunk` per token.
 
@@ -632,8 +635,10 @@ def stream_generate(
     that, with an explicit ``max_tokens``, exceeds the context (``max_context`` or
     the model's ``max_position_embeddings``) raises ``ValueError`` before anything runs.
     ``mtp``/``draft_depth`` select speculative decoding (issue 6); ``kv_bits`` (4 or 8)
-    stores the KV cache quantized. Message content parts ``{"type": "image", "image": SOURCE}``
-    (a path, bytes or ``PIL.Image``) feed a Step 3.7 model's vision tower.
+    stores the KV cache quantized. ``prefix_cache`` (a :class:`~step35_mlx.prefix_cache.PrefixCache`)
+    restores the longest cached prefix of the prompt and stores the prompt's and the reply's state.
+    Message content parts ``{"type": "image", "image": SOURCE}`` (a path, bytes or ``PIL.Image``)
+    feed a Step 3.7 model's vision tower.
     """
     settings = resolve_settings(
         model, tokenizer, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
@@ -646,6 +651,11 @@ def stream_generate(
     from .vision.inputs import prepare
 
     prepared = prepare(model, tokenizer, prompt_or_messages, ids)
+    if prefix_cache is not None:
+        from .prefix_cache.stream import cached_stream
+
+        return cached_stream(prepared.model, tokenizer, cache, prepared.ids, settings, prefix_cache, tools,
+                             keys=prepared.keys)
     return run(prepared.model, tokenizer, cache, prepared.ids, 0, settings, tools=tools)
 
 

@@ -19,6 +19,7 @@ from .layers.attention import Attention
 from .layers.mlp import MLP
 from .layers.moe import MoE
 from .layers.norms import ZeroCenteredRMSNorm
+from .streams import split_moe_ffn
 
 DEFAULT_SLACK = 8
 MTP_HIDDEN_VARIANTS = ("pre_norm", "post_norm")
@@ -52,11 +53,19 @@ class DecoderLayer(nn.Module):
             self.share_expert = MLP(H, config.share_expert_dim, spec.swiglu_limit_shared)
         else:
             self.mlp = MLP(H, config.intermediate_size, spec.swiglu_limit_shared)
+        # Tensor parallelism (step35_mlx.distributed): the group the FFN's partial sums are added over.
+        self.ffn_group = None
+
+    side_stream = None  # a second stream for independent FFN work (see ``streams.use_two_streams``)
 
     def ffn(self, x: mx.array) -> mx.array:
-        if self.is_moe:
-            return self.moe(x) + self.share_expert(x)
-        return self.mlp(x)
+        if not self.is_moe:
+            y = self.mlp(x)
+        elif self.side_stream is not None:
+            y = split_moe_ffn(self, x, self.side_stream)
+        else:
+            y = self.moe(x) + self.share_expert(x)
+        return y if self.ffn_group is None else mx.distributed.all_sum(y, group=self.ffn_group)
 
     def __call__(self, x: mx.array, mask: Mask = None, cache: Any = None) -> mx.array:
         h = x + self.self_attn(self.input_layernorm(x), mask, cache)
@@ -192,6 +201,14 @@ class Model(nn.Module):
         for i, layer in enumerate(self.layers):
             h = layer(h, sliding_mask if layer.is_sliding else full_mask, cache[i] if cache else None)
         return h
+
+    def shard(self, group: mx.distributed.Group | None = None, mode: str = "tensor",
+              split: list[int] | None = None) -> "Model":
+        """This model split across ``group`` (``step35_mlx.distributed``): ``mode`` tensor or expert
+        split it in place and return it; pipeline returns this rank's stage (``split``: layers per rank)."""
+        from .distributed.loading import shard_model
+
+        return shard_model(self, group or mx.distributed.init(), mode, split)
 
     def logits(self, hidden: mx.array) -> mx.array:
         """Final norm + LM head on a pre-norm hidden state."""

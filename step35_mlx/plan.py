@@ -471,6 +471,7 @@ class MemoryPlan:
     overhead: int
     full_kv_per_token: int
     activation_detail: dict = field(default_factory=dict, repr=False)
+    prefix_cache: int = 0  # the prefix cache's RAM budget (serve --cache-ram)
 
     @property
     def kv(self) -> int:
@@ -478,7 +479,7 @@ class MemoryPlan:
 
     @property
     def total(self) -> int:
-        return self.weights + self.mtp_weights + self.kv + self.activations + self.overhead
+        return self.weights + self.mtp_weights + self.kv + self.activations + self.overhead + self.prefix_cache
 
     @property
     def recipe(self) -> str:
@@ -495,7 +496,8 @@ class MemoryPlan:
         return dict(recipe=self.weights_source, context=self.context, kv_bits=self.kv_bits,
                     kv_group_size=self.kv_group_size, mtp=self.mtp, batch=self.batch,
                     prefill_step=self.prefill_step, activation_dtype_bytes=self.activation_dtype_bytes,
-                    fused_attention=self.fused_attention, slack=self.slack, overhead=self.overhead)
+                    fused_attention=self.fused_attention, slack=self.slack, overhead=self.overhead,
+                    prefix_cache=self.prefix_cache)
 
     def replan(self, **changes) -> "MemoryPlan":
         """The same plan with some settings changed (``recipe`` may be a name: recomputed from the config)."""
@@ -531,6 +533,8 @@ class MemoryPlan:
              + (f" (scores {a['scores'] / GB:.2f} GB)" if a.get("scores", 0) >= 0.01 * GB else "")),
             ("overhead", self.overhead, "MLX/Metal runtime, allocator slack, tokenizer (fixed)"),
         ]
+        if self.prefix_cache:
+            rows.append(("prefix cache", self.prefix_cache, "RAM budget of the prefix cache (--cache-ram)"))
         return rows
 
     def to_dict(self) -> dict:
@@ -541,6 +545,7 @@ class MemoryPlan:
             "weights": self.weights, "mtp_weights": self.mtp_weights, "full_kv": self.full_kv,
             "sliding_kv": self.sliding_kv, "mtp_kv": self.mtp_kv, "activations": self.activations,
             "overhead": self.overhead, "total": self.total, "full_kv_per_token": self.full_kv_per_token,
+            "prefix_cache": self.prefix_cache,
         }
 
 
@@ -562,13 +567,14 @@ def _with_image_encoding(cfg: ModelConfig, acts: dict, act: int, fused_attention
 def plan_memory(config: ModelConfig | dict, *, recipe: Any = "q4", context: int, kv_bits: int | None = None,
                 kv_group_size: int = 64, mtp: bool = True, batch: int = 1, prefill_step: int = 512,
                 activation_dtype_bytes: int = 2, fused_attention: bool = True, slack: int = DEFAULT_SLACK,
-                overhead: int = OVERHEAD) -> MemoryPlan:
+                overhead: int = OVERHEAD, prefix_cache: int = 0) -> MemoryPlan:
     """The memory plan for ``config`` (see the module docstring for every part).
 
     ``recipe``: a recipe name, ``"bf16"``, a ``Recipe``, a converted checkpoint's
     ``quantization`` block, or measured :class:`WeightSizes` (:func:`folder_weight_sizes`).
     ``fused_attention``: whether attention runs MLX's fused kernel for float KV (True on
-    Metal and CUDA; False on CPU, where MLX materialises the scores).
+    Metal and CUDA; False on CPU, where MLX materialises the scores). ``prefix_cache``: bytes
+    reserved for the prefix cache's RAM tier.
     """
     cfg = model_config(config)
     if kv_bits not in (None, 4, 8):
@@ -596,7 +602,7 @@ def plan_memory(config: ModelConfig | dict, *, recipe: Any = "q4", context: int,
         batch=batch, prefill_step=prefill_step, activation_dtype_bytes=act, fused_attention=fused_attention,
         slack=slack, weights=w.trunk, mtp_weights=w.mtp if mtp else 0, full_kv=full_kv, sliding_kv=sliding_kv,
         mtp_kv=mtp_kv, activations=acts["total"], overhead=overhead, full_kv_per_token=per_token,
-        activation_detail=acts,
+        activation_detail=acts, prefix_cache=prefix_cache,
     )
 
 
@@ -939,7 +945,7 @@ def preflight(path: str | Path, *, context: int | None = None, kv_bits: int | No
               kv_group_size: int | None = None, mtp: bool = True, prefill_step: int = 512,
               machine: MachineMemory | None = None, min_context: int = MIN_CONTEXT,
               wire: bool = True, dtype_bytes: int | None | str = "auto",
-              folder_format: FolderFormat | None = None) -> MemoryPlan:
+              folder_format: FolderFormat | None = None, prefix_cache: int = 0) -> MemoryPlan:
     """Check, before loading ``path``, that it fits this machine (or ``machine``); return the plan.
 
     Weights come from the folder's safetensors headers, at the float width the loader will
@@ -950,6 +956,7 @@ def preflight(path: str | Path, *, context: int | None = None, kv_bits: int | No
     even ``min_context`` tokens -- fits. On macOS with Metal it then wires the planned bytes
     (:func:`set_wired_limit`; ``wire=False`` skips that). ``folder_format``: the folder's
     :func:`~step35_mlx.mlx_lm_format.read_folder` reading when the caller already has it.
+    ``prefix_cache``: the prefix cache's RAM budget in bytes, counted like the rest.
     """
     path = Path(path)
     folder = folder_format or read_folder(path)
@@ -966,7 +973,8 @@ def preflight(path: str | Path, *, context: int | None = None, kv_bits: int | No
     db = load_dtype_bytes() if dtype_bytes == "auto" else dtype_bytes
     kw = dict(recipe=folder_weight_sizes(path, db, folder_format=folder), kv_bits=kv_bits,
               kv_group_size=_kv_group(cfg, kv_bits, kv_group_size), mtp=mtp, prefill_step=prefill_step,
-              activation_dtype_bytes=folder_activation_bytes(path, db), fused_attention=fused_attention_available())
+              activation_dtype_bytes=folder_activation_bytes(path, db), fused_attention=fused_attention_available(),
+              prefix_cache=prefix_cache)
     if context is None:
         floor = plan_memory(cfg, context=min(min_context, cap), **kw)
         check_fit(floor, machine)

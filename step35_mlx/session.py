@@ -19,6 +19,11 @@ arrays are updated in place); the full-attention layers need no copy, since thei
 cache can be trimmed back to any position. Only when neither source is exact
 (e.g. the system prompt changed) is the whole conversation prefilled again.
 
+With ``prefix_cache=`` (a :class:`~step35_mlx.prefix_cache.PrefixCache`, shared by
+many sessions, clients and restarts) a third source is the longest prefix that cache
+holds; the session then also stores the state at the end of the system prompt and
+tools, at the end of every prompt and at the end of every reply there.
+
 The number of tokens prefilled is counted (``last_stats.prefill_tokens``,
 ``prefilled_tokens`` over the session) so tests can check the reuse.
 """
@@ -28,14 +33,16 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import mlx.core as mx
 
-from .cache import SlidingKVCache
-from .generate import GenerationChunk, GenerationStats, Settings, new_cache, resolve_settings, run
+from .cache import SlidingKVCache, _parts
+from .generate import GenerationChunk, GenerationStats, Settings, new_cache, prefill, resolve_settings, run
+from .prefix_cache.snapshots import RingSnapshot, ring_max_back
 from .reasoning import split_reasoning
 from .session_file import SESSION_FORMAT, SESSION_VERSION, read_session_file, write_session_file
 from .tool_calls import parse_tool_calls
@@ -54,44 +61,27 @@ def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
     return i
 
 
-def _parts(x: Any) -> tuple:
-    """A cache's stored keys/values as a tuple of arrays (one float array, or packed/scales/biases)."""
-    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
-
-
-def _copy(x: Any) -> Any:
-    """New array objects with the same contents (the cache updates its own arrays in place)."""
-    parts = tuple(mx.array(a) for a in _parts(x))
-    return parts if isinstance(x, (tuple, list)) else parts[0]
-
-
-@dataclass
-class _RingState:
-    """A sliding layer's ring as it was: new arrays plus the positions it holds."""
-
-    keys: Any  # mx.array, or a (packed, scales, biases) tuple for a quantized cache
-    values: Any
-    offset: int
-    low: int
-
-    @classmethod
-    def take(cls, c: SlidingKVCache) -> "_RingState":
-        return cls(_copy(c.keys), _copy(c.values), c.offset, c.low)
-
-    def put(self, c: SlidingKVCache) -> None:
-        c.keys, c.values = _copy(self.keys), _copy(self.values)
-        c.offset, c.low = self.offset, self.low
-
-    def max_trim(self, c: SlidingKVCache) -> int:
-        probe = SlidingKVCache(c.window, c.slack)
-        probe.offset, probe.low = self.offset, self.low
-        return probe.max_trim()
-
-
 @dataclass
 class _Snapshot:
     tokens: list[int]
-    rings: dict[int, _RingState]  # layer index -> ring state (sliding layers only)
+    rings: dict[int, RingSnapshot]  # layer index -> ring state (sliding layers only)
+
+
+@dataclass
+class _Head:
+    """Tokens prefilled before ``run`` (up to the end of the system prompt and tools) and the time they took."""
+
+    tokens: int = 0
+    seconds: float = 0.0
+
+    def count_in(self, stats: GenerationStats, reuse: str) -> None:
+        """Add the head's prefill to a chunk's statistics (``run`` counted only the rest)."""
+        stats.cached_from = {"cache": "session", "snapshot": "session", "none": ""}.get(reuse, reuse[7:])
+        if not self.tokens:
+            return
+        rest = stats.prefill_tokens / stats.prompt_tps if stats.prompt_tps else 0.0
+        stats.prefill_tokens += self.tokens
+        stats.prompt_tps = stats.prefill_tokens / max(rest + self.seconds, 1e-9)
 
 
 def _model_fingerprint(model: Any) -> str:
@@ -112,12 +102,14 @@ class ChatSession:
     ``send(text)`` streams the reply as :class:`GenerationChunk` s; ``ask(text)`` returns
     the answer. Stopping a ``send`` stream early (``close()``, Ctrl-C) keeps the
     partial reply in the history. ``add_tool_result(name, content)`` then
-    ``respond()`` continues after tool calls.
+    ``respond()`` continues after tool calls. ``prefix_cache=`` shares cached prefixes
+    with other sessions (see the module docstring).
     """
 
     def __init__(self, model: Any, tokenizer: Any, system: str | None = None, tools: list[dict] | None = None,
                  *, messages: list[dict] | None = None, generation_config: dict | None = None,
-                 kv_bits: int | None = None, kv_group_size: int | None = None, **defaults: Any) -> None:
+                 kv_bits: int | None = None, kv_group_size: int | None = None, prefix_cache: Any = None,
+                 **defaults: Any) -> None:
         unknown = set(defaults) - set(_SAMPLING_KEYS)
         if unknown:
             raise TypeError(f"unknown ChatSession setting(s): {', '.join(sorted(unknown))}")
@@ -127,6 +119,7 @@ class ChatSession:
         self.defaults = dict(defaults)
         self.generation_config = generation_config
         self.kv_bits, self.kv_group_size = kv_bits, kv_group_size
+        self.prefix_cache = prefix_cache
         self.messages: list[dict] = [dict(m) for m in (messages or [])]
         if system is not None:
             self.set_system(system)
@@ -136,6 +129,8 @@ class ChatSession:
         self.last_reuse: str = "none"  # where the last turn's cached prefix came from
         self.image_features = FeatureCache()  # vision features by pixel hash (Step 3.7)
         self._new_cache()
+        if prefix_cache is not None:
+            prefix_cache.check_format(self.cache)
         self.settings()  # validate the defaults now
 
     # ------------------------------------------------------------ state
@@ -236,18 +231,44 @@ class ChatSession:
         self.messages = messages
         first_reply = not any(m.get("role") == "assistant" for m in self._since_last_user())
         cached = self._reuse(keys)
+        head = self._prefill_head(messages, ids, cached, settings)
+        pc = self.prefix_cache
 
         def on_prefilled() -> None:
             # The cache holds exactly `ids`: keep the sliding rings for the next user turn.
             if first_reply:
-                rings = {i: _RingState.take(c) for i, c in enumerate(self.cache) if isinstance(c, SlidingKVCache)}
+                rings = {i: RingSnapshot.take(c) for i, c in enumerate(self.cache) if isinstance(c, SlidingKVCache)}
                 mx.async_eval([[r.keys, r.values] for r in rings.values()])
                 self._snapshot = _Snapshot(list(keys), rings)
+            if pc is not None:
+                pc.capture(self.cache, keys)
 
-        chunks = run(model, self.tokenizer, self.cache, ids, cached, settings,
+        chunks = run(model, self.tokenizer, self.cache, ids, cached + head.tokens, settings,
                      reasoning=True, tools=self.tools, on_prefilled=on_prefilled)
-        self._active = self._consume(chunks, keys, cached)
+        self._active = self._consume(chunks, keys, cached, head)
         return self._active
+
+    def _prefill_head(self, messages: list[dict], ids: list[int], cached: int, settings: Settings) -> "_Head":
+        """With a prefix cache: prefill up to the end of the system prompt and tools and store that state there,
+        so other conversations with the same system prompt and tools hit it."""
+        pc = self.prefix_cache
+        if pc is None:
+            return _Head()
+        head = messages[:1] if messages and messages[0].get("role") == "system" else []
+        if not head and not self.tools:
+            return _Head()
+        try:
+            prefix = list(self.tokenizer.apply_chat_template(head, tools=self.tools, add_generation_prompt=False))
+        except Exception:  # noqa: BLE001 - a template that cannot render the head alone: no boundary
+            return _Head()
+        end = len(prefix)
+        if not cached < end < len(ids) - 1 or ids[:end] != prefix:
+            return _Head()
+        t0 = time.perf_counter()
+        prefill(self.model, self.cache, mx.array(ids[cached:end], dtype=mx.int32), settings.prefill_step)
+        self.cache_tokens = list(ids[:end])
+        pc.capture(self.cache, self.cache_tokens)
+        return _Head(end - cached, time.perf_counter() - t0)
 
     def _finish_active(self) -> None:
         """Close a reply stream that was started but not finished (its partial reply is kept)."""
@@ -258,7 +279,8 @@ class ChatSession:
             self._store_reply("", None)  # never started: an empty, interrupted reply keeps the turns paired
         active.close()
 
-    def _consume(self, chunks: Iterator[GenerationChunk], ids: list[int], cached: int) -> Iterator[GenerationChunk]:
+    def _consume(self, chunks: Iterator[GenerationChunk], ids: list[int], cached: int,
+                 head: "_Head") -> Iterator[GenerationChunk]:
         generated: list[int] = []
         raw: list[str] = []
         finish = None
@@ -266,6 +288,7 @@ class ChatSession:
             for chunk in chunks:
                 generated += chunk.token_ids
                 raw.append(chunk.text)
+                head.count_in(chunk.stats, self.last_reuse)
                 self.last_stats = chunk.stats
                 finish = chunk.finish_reason
                 yield chunk
@@ -275,6 +298,9 @@ class ChatSession:
             self.prefilled_tokens += len(ids) - cached
             self._settle(ids + generated)
             self._store_reply("".join(raw), finish)
+            if self.prefix_cache is not None:
+                self.prefix_cache.capture(self.cache, self.cache_tokens)
+                self.prefix_cache.flush()
 
     def _since_last_user(self) -> list[dict]:
         for i in range(len(self.messages) - 1, -1, -1):
@@ -310,20 +336,23 @@ class ChatSession:
         if snap is not None and len(snap.rings) == len(rings):
             d = min(_lcp(snap.tokens, ids), limit, _lcp(self.cache_tokens, snap.tokens))
             back = len(snap.tokens) - d
-            ok = all(back <= snap.rings[i].max_trim(c) for i, c in rings)
+            ok = all(back <= ring_max_back(c, snap.rings[i].offset, snap.rings[i].low) for i, c in rings)
             ok = ok and all(len(self.cache_tokens) - d <= c.max_trim() for c in full_layers)
             if ok and d > best:
                 best, source = d, "snapshot"
 
-        if source == "cache":
+        pc = self.prefix_cache
+        hit = pc.restore(ids, self.cache, at_least=best) if pc is not None else None
+        if hit is not None and hit.length:
+            best, source = hit.length, f"prefix-{hit.tier}"
+        elif source == "cache":
             for c in self.cache:
                 c.trim(len(self.cache_tokens) - best)
         elif source == "snapshot":
             for c in full_layers:
                 c.trim(len(self.cache_tokens) - best)
             for i, c in rings:
-                snap.rings[i].put(c)
-                c.trim(len(snap.tokens) - best)
+                snap.rings[i].put(c, best - len(snap.tokens) + snap.rings[i].offset)
         elif self.cache_tokens:
             self._new_cache()  # nothing reusable: prefill the whole conversation again
         self.cache_tokens = list(ids[:best])
@@ -417,7 +446,7 @@ class ChatSession:
         snap = meta.get("snapshot")
         if snap is not None:
             self._snapshot = _Snapshot(list(snap["tokens"]), {
-                int(i): _RingState(get(f"snapshot.{i}.keys", r["parts"]), get(f"snapshot.{i}.values", r["parts"]),
+                int(i): RingSnapshot(get(f"snapshot.{i}.keys", r["parts"]), get(f"snapshot.{i}.values", r["parts"]),
                                    r["offset"], r["low"])
                 for i, r in snap["rings"].items()
             })

@@ -33,8 +33,11 @@ class SessionFile:
     cache_format: dict
 
 
-def write_session_file(path: Path, arrays: dict[str, mx.array], meta: dict) -> Path:
+def write_session_file(path: Path, arrays: dict[str, mx.array], meta: dict,
+                       meta_key: str = "step35_mlx_session") -> Path:
     """Write atomically: a temporary file in the same folder, renamed over ``path`` only when complete.
+
+    ``meta`` is stored as JSON under the safetensors metadata key ``meta_key``.
 
     File-system failures (read-only, full, missing permission) raise ``OSError`` subclasses and leave
     neither a partial ``path`` nor the temporary file behind.
@@ -45,7 +48,7 @@ def write_session_file(path: Path, arrays: dict[str, mx.array], meta: dict) -> P
     os.close(fd)
     try:
         try:
-            mx.save_safetensors(tmp, arrays, metadata={"step35_mlx_session": json.dumps(meta)})
+            mx.save_safetensors(tmp, arrays, metadata={meta_key: json.dumps(meta)})
         except RuntimeError as e:  # MLX reports a failed write (e.g. a full disk) as RuntimeError
             raise OSError(errno.EIO, f"cannot write {path}: {e}") from None
         os.replace(tmp, path)

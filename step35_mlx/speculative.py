@@ -15,13 +15,17 @@ from that module's cache, to be recomputed when their tokens are committed.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
+from .distributed.sync import root_tokens
 from .model import DEFAULT_SLACK, Model
-from .sampling import SamplingParams, probs, residual, sample
+from .draft_vocab import default_draft_ids, slice_rows
+from .sampling import SamplingParams, probs, residual, sample, sample_token
 
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 
@@ -57,25 +61,52 @@ class SpecStats:
         return self.emitted / self.verifies if self.verifies else 0.0
 
 
+def _accept(p: mx.array, q: mx.array | None, drafts: mx.array, key: mx.array) -> mx.array:
+    """Leviathan-Chen acceptance on the device: ``[n accepted, next token]`` (lazy).
+
+    ``p``: target probs ``[d + 1, V]``; ``q``: draft probs ``[d, V]``. The next token is a
+    resample from ``max(p - q, 0)`` at the first rejection, or a bonus draw from ``p[d]``
+    when all drafts pass (the residual against a zero ``q`` row is ``p`` itself).
+    """
+    d = drafts.shape[0]
+    V = p.shape[-1]
+    k_u, k_s = mx.random.split(key)
+    if d:
+        rows = mx.arange(d)
+        ratio = p[rows, drafts] / q[rows, drafts]
+        rejected = mx.random.uniform(shape=(d,), key=k_u) >= mx.minimum(ratio, 1.0)
+        n = mx.argmax(mx.concatenate([rejected, mx.array([True])]).astype(mx.int32))
+        q_n = mx.take(mx.concatenate([q, mx.zeros((1, V), q.dtype)]), n, axis=0)
+    else:
+        n, q_n = mx.array(0, mx.uint32), mx.zeros((V,), p.dtype)
+    nxt = sample(residual(mx.take(p, n, axis=0), q_n), key=k_s)
+    return mx.stack([n.astype(mx.int32), nxt.astype(mx.int32)])
+
+
+def _accept_greedy(logits: mx.array, drafts: mx.array) -> mx.array:
+    """Greedy acceptance: drafts pass while they equal the trunk's argmax; ``[n, argmax of row n]`` (lazy)."""
+    targets = mx.argmax(logits, axis=-1).astype(mx.int32)
+    d = drafts.shape[0]
+    n = mx.cumprod((targets[:d] == drafts).astype(mx.int32)).sum() if d else mx.array(0, mx.int32)
+    return mx.stack([n.astype(mx.int32), mx.take(targets, n)])
+
+
 def accept_drafts(p: mx.array, q: mx.array, drafts: Sequence[int], key: mx.array) -> tuple[int, int]:
     """Leviathan-Chen acceptance. ``p``: target probs ``[d + 1, V]``; ``q``: draft probs ``[d, V]``.
 
     Returns (number of drafts accepted, the next token: a resample from the residual
     at the first rejection, or a bonus draw from ``p[d]`` when all drafts pass).
     """
-    d = len(drafts)
-    k_u, k_s = mx.random.split(key)
-    if d:
-        idx = mx.array(list(drafts))
-        rows = mx.arange(d)
-        ratio = p[rows, idx] / q[rows, idx]
-        u = mx.random.uniform(shape=(d,), key=k_u)
-        rejected = (u >= mx.minimum(ratio, 1.0)).tolist()
-        n = rejected.index(True) if True in rejected else d
-    else:
-        n = 0
-    dist = residual(p[n], q[n]) if n < d else p[n]
-    return n, int(sample(dist, key=k_s).item())
+    n, nxt = _accept(p, q, mx.array(list(drafts), dtype=mx.int32), key).tolist()
+    return n, nxt
+
+
+@dataclass
+class Drafts:
+    """One proposal: ``tokens`` ``[d]`` (int32, on the device) and their draft probs ``[d, V]`` (``None`` when greedy)."""
+
+    tokens: mx.array
+    q: mx.array | None
 
 
 class MTPDrafter:
@@ -83,9 +114,12 @@ class MTPDrafter:
 
     ``done[k]``: rows committed in module k's cache. ``inputs[k]``: previous-stage rows
     from ``done[k]`` that module k has not consumed yet (trunk hidden rows for k = 0).
+    ``vocab``: token ids the drafts are restricted to (``draft_vocab``); ``None`` drafts
+    over the whole vocabulary. Output is exact either way: the trunk verifies.
     """
 
-    def __init__(self, model: Model, depth: int, start: int = 0, slack: int = DEFAULT_SLACK):
+    def __init__(self, model: Model, depth: int, start: int = 0, slack: int = DEFAULT_SLACK,
+                 vocab: mx.array | None = None):
         if not 1 <= depth <= model.num_mtp:
             raise ValueError(f"draft depth must be in [1, {model.num_mtp}] for this checkpoint, got {depth}")
         if depth > slack:
@@ -93,6 +127,9 @@ class MTPDrafter:
         self.model = model
         self.depth = depth
         self.slack = slack
+        self.vocab = vocab
+        self.heads = ([slice_rows(model.model.mtp[k].shared_head.output, vocab) for k in range(depth)]
+                      if vocab is not None else None)
         self.reset(start)
 
     def reset(self, start: int) -> None:
@@ -104,6 +141,13 @@ class MTPDrafter:
         self.caches = self.model.make_mtp_cache(self.slack)[: self.depth]
         self.done = [start] * self.depth
         self.inputs: list[mx.array | None] = [None] * self.depth
+
+    def head_bytes(self, k: int) -> int:
+        """Bytes the draft head of module ``k`` reads per drafted token (norm + output rows)."""
+        full = self.model.model.mtp[k].shared_head
+        out = self.heads[k] if self.heads is not None else full.output
+        return sum(v.nbytes for _, v in tree_flatten(full.norm.parameters())) + \
+            sum(v.nbytes for _, v in tree_flatten(out.parameters()))
 
     @property
     def rows(self) -> int:
@@ -122,13 +166,42 @@ class MTPDrafter:
         h = self.model.mtp_input(hidden)
         self.inputs[0] = h if self.inputs[0] is None else mx.concatenate([self.inputs[0], h], axis=1)
 
+    def _draft_logits(self, k: int, z: mx.array) -> mx.array:
+        """Full-vocabulary logits ``[V]`` of module ``k`` for its last row, or ``[N]`` over ``vocab``."""
+        if self.heads is None:
+            return self.model.mtp_head(k, z)[0, -1]
+        return self.heads[k](self.model.model.mtp[k].shared_head.norm(z))[0, -1]
+
+    def _draft(self, k: int, z: mx.array, ctx: mx.array, params: SamplingParams, key: mx.array | None,
+               processors: Sequence[LogitsProcessor]) -> tuple[mx.array, mx.array | None]:
+        """One draft token ``[1]`` and, when sampling, its full-vocabulary draft probs ``[V]``."""
+        logits = self._draft_logits(k, z)
+        V = self.model.config.vocab_size
+        if processors:
+            if self.vocab is not None:
+                full = mx.full((V,), -math.inf, logits.dtype)
+                full[self.vocab] = logits
+                logits = full
+            for proc in processors:
+                logits = proc(ctx, logits[None])[0]
+            if self.vocab is not None:
+                logits = logits[self.vocab]
+        if params.greedy:
+            i = mx.argmax(logits)
+            return (self.vocab[i] if self.vocab is not None else i).astype(mx.int32)[None], None
+        q = probs(logits, params)
+        i = sample(q, key=key)
+        if self.vocab is None:
+            return i.astype(mx.int32)[None], q
+        return self.vocab[i].astype(mx.int32)[None], mx.zeros((V,), q.dtype).at[self.vocab].add(q)
+
     def _run(self, history: Sequence[int], draft: bool, params: SamplingParams | None, key: mx.array | None,
-             processors: Sequence[LogitsProcessor]) -> tuple[list[int], list[mx.array]]:
+             processors: Sequence[LogitsProcessor]) -> Drafts:
         N = len(history)
         R = self.rows
         if draft and R != N - 1:
             raise RuntimeError(f"drafting needs trunk rows for all but the pending token ({R} rows, {N} tokens)")
-        drafts: list[int] = []
+        drafts: list[mx.array] = []
         qs: list[mx.array] = []
         keys = mx.random.split(key, self.depth) if (draft and key is not None) else [None] * self.depth
         inp, committed_hi = self.inputs[0], R
@@ -137,17 +210,19 @@ class MTPDrafter:
             hi = R - 1 if draft else min(R - 1, N - k - 2)
             out = None
             if hi >= lo:
-                toks = [history[r + k + 1] if r + k + 1 < N else drafts[r + k + 1 - N] for r in range(lo, hi + 1)]
-                out = self.model.mtp_step(k, mx.array([toks]), inp[:, : hi - lo + 1], self.caches[k])
+                # rows lo..hi embed tokens lo+k+1..hi+k+1: known history first, then drafts
+                known = [history[i] for i in range(lo + k + 1, min(hi + k + 2, N))]
+                parts = [mx.array(known, dtype=mx.int32)] if known else []
+                parts += drafts[max(0, lo + k + 1 - N): hi + k + 2 - N]
+                toks = mx.concatenate(parts) if len(parts) > 1 else parts[0]
+                out = self.model.mtp_step(k, toks[None], inp[:, : hi - lo + 1], self.caches[k])
                 if draft:
-                    logits = self.model.mtp_head(k, out[:, -1:])[0, -1]
-                    ctx = mx.array(list(history) + drafts)
-                    for proc in processors:
-                        logits = proc(ctx, logits[None])[0]
-                    q = probs(logits, params)
-                    tok = int(mx.argmax(q).item()) if params.greedy else int(sample(q, key=keys[k]).item())
+                    ctx = mx.concatenate([mx.array(list(history), dtype=mx.int32), *drafts]) if processors else None
+                    tok, q = self._draft(k, out[:, -1:], ctx, params, keys[k], processors)
+                    tok = root_tokens(self.model, tok)
                     drafts.append(tok)
-                    qs.append(q)
+                    if q is not None:
+                        qs.append(q)
             new_done = max(lo, min(hi + 1, N - k - 1))
             if out is not None:
                 self.caches[k].trim(hi + 1 - new_done)
@@ -158,31 +233,33 @@ class MTPDrafter:
                 parts = [a for a in (pending, out) if a is not None]
                 inp = mx.concatenate(parts, axis=1) if len(parts) > 1 else (parts[0] if parts else None)
                 committed_hi = new_done
-        return drafts, qs
+        tokens = mx.concatenate(drafts) if drafts else mx.zeros((0,), mx.int32)
+        return Drafts(tokens, mx.stack(qs) if qs else None)
 
     def absorb(self, history: Sequence[int]) -> None:
         """Process every row whose tokens are all known (prefill); proposes nothing."""
         self._run(history, False, None, None, ())
 
     def propose(self, history: Sequence[int], params: SamplingParams, key: mx.array | None,
-                processors: Sequence[LogitsProcessor] = ()) -> tuple[list[int], list[mx.array]]:
-        """Draft ``depth`` tokens after ``history`` (whose last token is pending in the trunk)."""
+                processors: Sequence[LogitsProcessor] = ()) -> Drafts:
+        """Draft ``depth`` tokens after ``history`` (whose last token is pending in the trunk); nothing is read back."""
         return self._run(history, True, params, key, processors)
 
 
-def _target_probs(logits: mx.array, history: list[int], drafts: list[int], params: SamplingParams,
-                  processors: Sequence[LogitsProcessor]) -> mx.array:
-    """Target distribution for each verify row, with processors seeing the tokens before that row."""
+def _target_logits(logits: mx.array, history: list[int], drafts: mx.array,
+                   processors: Sequence[LogitsProcessor]) -> mx.array:
+    """Verify rows' logits, each passed through the processors with the tokens before that row."""
     if not processors:
-        return probs(logits, params)
+        return logits
     rows = []
+    hist = mx.array(history, dtype=mx.int32)
     for i in range(logits.shape[0]):
         row = logits[i]
-        ctx = mx.array(history + drafts[:i])
+        ctx = mx.concatenate([hist, drafts[:i]])
         for proc in processors:
             row = proc(ctx, row[None])[0]
         rows.append(row)
-    return probs(mx.stack(rows), params)
+    return mx.stack(rows)
 
 
 def speculative_tokens(
@@ -199,6 +276,7 @@ def speculative_tokens(
     stats: SpecStats | None = None,
     history: Sequence[int] | None = None,
     drafter: MTPDrafter | None = None,
+    draft_vocab: mx.array | None = None,
 ) -> Iterator[int]:
     """Yield generated token ids, verifying ``depth`` MTP drafts per trunk forward.
 
@@ -209,6 +287,8 @@ def speculative_tokens(
     yielded token are trimmed; a last token not yet verified is fed). Pass the ``drafter``
     of the previous call to keep the MTP caches across turns; one that does not line up
     with the cache is restarted at the prompt (only the first drafts' acceptance suffers).
+    ``draft_vocab``: ids a new drafter drafts over (see :mod:`step35_mlx.draft_vocab`).
+    Each step builds drafts, verify forward and acceptance lazily and reads back once.
     """
     if key is None:
         key = mx.random.key(int(mx.random.randint(0, 2**31 - 1, ()).item()))
@@ -220,9 +300,9 @@ def speculative_tokens(
         raise ValueError("history must end with the prompt")
     start = len(tokens) - len(prompt_ids)
     if drafter is None:
-        drafter = MTPDrafter(model, depth, start=start)
+        drafter = MTPDrafter(model, depth, start=start, vocab=draft_vocab)
     elif drafter.rows != start or drafter.depth != depth:
-        drafter.__init__(model, depth, start=start, slack=drafter.slack)
+        drafter.__init__(model, depth, start=start, slack=drafter.slack, vocab=drafter.vocab)
     hidden = None
     for s in range(0, len(prompt_ids), prefill_step):
         hidden = model.trunk(prompt[None, s : s + prefill_step], cache)
@@ -232,23 +312,27 @@ def speculative_tokens(
     if on_prefilled is not None:
         on_prefilled()
     key, sub = mx.random.split(key)
-    first = _target_probs(model.logits(hidden[:, -1:])[0], tokens, [], params, processors)[0]
-    tokens.append(int(mx.argmax(first).item()) if params.greedy else int(sample(first, key=sub).item()))
+    first = _target_logits(model.logits(hidden[:, -1:])[0], tokens, mx.zeros((0,), mx.int32), processors)
+    tokens.append(int(root_tokens(model, sample_token(first, params, sub).astype(mx.int32))[0].item()))
     extra, last_in_cache = 0, False  # cache rows past the last yielded token; is that token's row cached?
     try:
         yield tokens[-1]
         while True:
             key, k_draft, k_verify = mx.random.split(key, 3)
-            drafts, qs = drafter.propose(tokens, params, k_draft, processors)
-            hidden = model.trunk(mx.array([[tokens[-1]] + drafts]), cache)
-            p = _target_probs(model.logits(hidden)[0], tokens, drafts, params, processors)
-            n, nxt = accept_drafts(p, mx.stack(qs), drafts, k_verify)
+            drafts = drafter.propose(tokens, params, k_draft, processors)
+            hidden = model.trunk(mx.concatenate([mx.array([tokens[-1]], dtype=mx.int32), drafts.tokens])[None],
+                                 cache)
+            rows = _target_logits(model.logits(hidden)[0], tokens, drafts.tokens, processors)
+            verdict = (_accept_greedy(rows, drafts.tokens) if params.greedy
+                       else _accept(probs(rows, params), drafts.q, drafts.tokens, k_verify))
+            step = root_tokens(model, mx.concatenate([verdict, drafts.tokens]).astype(mx.int32))
+            n, nxt, *proposed = step.tolist()  # the step's one read
             for c in cache:
-                c.trim(len(drafts) - n)
+                c.trim(len(proposed) - n)
             drafter.add_hidden(hidden[:, : n + 1])
             if stats is not None:
-                stats.record(n, len(drafts))
-            for i, t in enumerate(drafts[:n] + [nxt]):
+                stats.record(n, len(proposed))
+            for i, t in enumerate(proposed[:n] + [nxt]):
                 tokens.append(t)
                 extra, last_in_cache = (n - i - 1, True) if i < n else (0, False)
                 yield t
@@ -264,7 +348,8 @@ def speculative_tokens(
 class MTPDecoder:
     """A token generator (``generate.TokenGenerator`` protocol) that decodes with MTP drafts.
 
-    Holds the acceptance statistics of its runs, for the stats line and ``tune``.
+    Holds the acceptance statistics of its runs, for the stats line and ``tune``. Drafts use
+    the reduced vocabulary stored with the model's folder when there is one (``draft_vocab.json``).
     """
 
     def __init__(self, depth: int):
@@ -276,4 +361,4 @@ class MTPDecoder:
                  prefill_step: int = 512, on_prefilled: Callable[[], None] | None = None) -> Iterator[int]:
         return speculative_tokens(model, cache, prompt, params, depth=self.depth, key=key,
                                   logits_processors=logits_processors, prefill_step=prefill_step,
-                                  on_prefilled=on_prefilled, stats=self.stats)
+                                  on_prefilled=on_prefilled, stats=self.stats, draft_vocab=default_draft_ids(model))

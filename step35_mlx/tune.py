@@ -13,7 +13,7 @@ from typing import Sequence
 
 import mlx.core as mx
 
-from .costs import RoutingRecorder, decode_cost
+from .costs import RoutingRecorder, decode_cost, mtp_draft_bytes
 from .generate import ar_tokens
 from .model import Model
 from .sampling import SamplingParams
@@ -27,13 +27,18 @@ TUNE_PROMPT = (
 
 
 def measure_one(model: Model, prompt: Sequence[int], depth: int, n_tokens: int,
-                params: SamplingParams = SamplingParams(temperature=0.0), seed: int = 0) -> tuple[list[int], TuneResult]:
-    """Decode ``n_tokens`` after ``prompt``; returns the tokens and timing, acceptance and bytes read."""
+                params: SamplingParams = SamplingParams(temperature=0.0), seed: int = 0,
+                draft_vocab: mx.array | None = None) -> tuple[list[int], TuneResult]:
+    """Decode ``n_tokens`` after ``prompt``; returns the tokens and timing, acceptance and bytes read.
+
+    ``draft_vocab``: ids the MTP drafts are restricted to (``None``: the whole vocabulary).
+    """
     cache = model.make_cache()
     stats = SpecStats(depth) if depth else None
     key = mx.random.key(seed)
     prompt_arr = mx.array(list(prompt), dtype=mx.int32)
-    gen = (speculative_tokens(model, cache, prompt_arr, params, depth=depth, key=key, stats=stats)
+    gen = (speculative_tokens(model, cache, prompt_arr, params, depth=depth, key=key, stats=stats,
+                              draft_vocab=draft_vocab)
            if depth else ar_tokens(model, cache, prompt_arr, params, key=key))
     out: list[int] = []
     with RoutingRecorder(model) as rec:
@@ -49,7 +54,9 @@ def measure_one(model: Model, prompt: Sequence[int], depth: int, n_tokens: int,
         gen.close()
         generated = len(out) - 1
         calls = [stats.verifies] * depth if stats else []
-        cost = decode_cost(model, rec, generated, forwards, calls)
+        rows = model.config.vocab_size if draft_vocab is None else int(draft_vocab.shape[0])
+        cost = decode_cost(model, rec, generated, forwards, calls,
+                           [mtp_draft_bytes(model, k, rows) for k in range(depth)])
     return out, TuneResult(
         depth=depth,
         tokens_per_s=generated / dt,

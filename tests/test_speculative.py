@@ -173,3 +173,84 @@ def test_mtp_caches_track_committed_rows(small_vocab):
     gen.close()
     ref = _ar_greedy(model, mx.array(history + more.tolist()), 30)
     assert cont == ref
+
+
+def test_slice_rows_is_exact_for_quantized_and_float_heads():
+    import mlx.nn as nn
+
+    from step35_mlx.draft_vocab import slice_rows
+
+    x = mx.random.normal((3, 64), key=mx.random.key(0))
+    ids = mx.array([0, 5, 17, 30], dtype=mx.int32)
+    for lin in (nn.QuantizedLinear(64, 32, bias=False, group_size=32, bits=4), nn.Linear(64, 32, bias=False)):
+        assert mx.array_equal(slice_rows(lin, ids)(x), lin(x)[:, ids])
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_greedy_reduced_vocab_drafts_equal_greedy_ar(small_vocab, depth):
+    """Drafting over 2 of the 4 tokens: output stays greedy decoding's; tokens outside are never drafted."""
+    model = small_vocab
+    prompt = mx.array([1, 2, 3, 0, 1, 2, 3, 0, 1])
+    n = 300
+    ref = _ar_greedy(model, prompt, n)
+    stats = SpecStats(depth)
+    out = []
+    for t in speculative_tokens(model, model.make_cache(), prompt, SamplingParams(temperature=0), depth=depth,
+                                stats=stats, draft_vocab=mx.array([0, 2], dtype=mx.int32)):
+        out.append(t)
+        if len(out) == n:
+            break
+    assert out == ref
+    assert set(ref) - {0, 2}, "the reference must use tokens outside the draft vocabulary"
+    assert 0.05 < stats.acceptance[0] < 0.95
+
+
+def test_sampled_reduced_vocab_mtp_distribution_equals_target(tmp_path_factory):
+    """Draft probs over 3 of 5 tokens (zero elsewhere): the first two emitted tokens are still distributed as p."""
+    V = 5
+    cfg = tiny_config(num_layers=2, full_layers={0}, moe_layers={1}, sliding_window=4, vocab_size=V,
+                      hidden_size=32, head_dim=8, num_mtp=1)
+    model, _ = _load(tmp_path_factory, "v5r", cfg)
+    prompt = mx.array([1, 2, 3, 4, 0, 1])
+    params = SamplingParams(temperature=1.0)
+    seqs = np.array(list(itertools.product(range(V), repeat=2)))
+    ctx = mx.concatenate([mx.broadcast_to(prompt[None], (len(seqs), len(prompt))), mx.array(seqs[:, :1])], axis=1)
+    P = np.array(probs(model(ctx)[:, -2:], params))
+    rows = np.arange(len(seqs))
+    exact = P[rows, 0, seqs[:, 0]] * P[rows, 1, seqs[:, 1]]
+    N = 400
+    counts = np.zeros(len(seqs))
+    stats = SpecStats(1)
+    for seed in range(N):
+        out = []
+        for t in speculative_tokens(model, model.make_cache(), prompt, params, depth=1, key=mx.random.key(seed),
+                                    stats=stats, draft_vocab=mx.array([0, 1, 3], dtype=mx.int32)):
+            out.append(t)
+            if len(out) == 2:
+                break
+        counts[out[0] * V + out[1]] += 1
+    assert 0.1 < stats.acceptance[0] < 0.95
+    expected = exact * N
+    big = expected >= 5
+    chi2 = ((counts[big] - expected[big]) ** 2 / expected[big]).sum()
+    chi2 += (counts[~big].sum() - expected[~big].sum()) ** 2 / max(expected[~big].sum(), 1e-9)
+    assert chi2 < _chi2_upper(int(big.sum())), chi2
+
+
+def test_draft_vocab_file_round_trip_and_default(tmp_path, small_vocab):
+    from step35_mlx.draft_vocab import default_draft_ids, load_draft_vocab, rank_tokens, save_draft_vocab
+
+    ranked = rank_tokens([[3, 3, 1, 3, 1], [2]], 4, always=[0])
+    assert ranked == [0, 3, 1, 2]  # forced id first, then by count, ties by id
+    with pytest.raises(ValueError):
+        save_draft_vocab(tmp_path, ranked, "test", 5)
+    save_draft_vocab(tmp_path, ranked, "test", 2)
+    vocab = load_draft_vocab(tmp_path)
+    assert vocab.ids == (0, 3, 1, 2) and vocab.size == 2 and vocab.source == "test"
+    assert vocab.top(3).tolist() == [0, 1, 3]
+    small_vocab.source_path = tmp_path
+    try:
+        assert default_draft_ids(small_vocab).tolist() == [0, 3]
+    finally:
+        del small_vocab.source_path
+    assert default_draft_ids(small_vocab) is None and load_draft_vocab(tmp_path / "none") is None

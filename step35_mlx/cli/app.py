@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from .. import __version__
+from .bench import bench
 from .chat import chat
 from .convert import CONVERT_HELP, convert_cmd, quant_eval_cmd, verify_cmd
 from .generate import generate
@@ -12,6 +13,7 @@ from .graft import GRAFT_HELP, graft_mtp
 from .info import info
 from .plan import PLAN_HELP, plan
 from .serve import serve
+from .split_model import split_model
 from .tune import tune
 
 app = typer.Typer(
@@ -45,3 +47,5 @@ app.command("graft-mtp", help=GRAFT_HELP)(graft_mtp)
 app.command("plan", help=PLAN_HELP)(plan)
 app.command("tune")(tune)
 app.command("info")(info)
+app.command("bench")(bench)
+app.command("split-model")(split_model)

@@ -12,10 +12,15 @@ from typing import Iterator, Optional
 
 import typer
 
-from .common import (DRAFT_DEPTH_OPTION, KV_BITS_OPTION, MAX_CONTEXT_OPTION, MODEL_OPTION, MTP_OPTION,
-                     PREFILL_STEP_OPTION, SEED_OPTION, VISION_OPTION, fail, printable, stats_line)
+from .common import (CACHE_DIR_OPTION, CACHE_DISK_OPTION, DRAFT_DEPTH_OPTION, KV_BITS_OPTION, MAX_CONTEXT_OPTION,
+                     MAX_TOKENS_OPTION, MIN_P_OPTION, MODEL_OPTION, MTP_OPTION, PREFILL_STEP_OPTION, SEED_OPTION,
+                     SYSTEM_OPTION, TEMPERATURE_OPTION, TOP_K_OPTION, TOP_P_OPTION, VISION_OPTION, cache_budgets,
+                     fail, open_prefix_cache, printable, stats_line)
 from ..text import invalid_text_reason
 from .loading import load_for_cli
+from .parallel import PARALLEL_OPTION, SPLIT_OPTION
+
+CHAT_CACHE_RAM = 10**9  # RAM tier in front of chat's --cache-disk (entries wait there until written)
 
 HELP = """\
 /help            show this help
@@ -129,12 +134,12 @@ class _Printer:
 
 def chat(
     model: Optional[str] = MODEL_OPTION,
-    system: Optional[str] = typer.Option(None, "--system", "-s", help="System prompt."),
-    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", "-n", help="Most tokens per answer (default: generation_config.json, else 8192, within the context)."),
-    temperature: Optional[float] = typer.Option(None, "--temperature", "-t", help="Sampling temperature; 0 is greedy (default: generation_config.json, else 1.0)."),
-    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling mass (default 0.95)."),
-    top_k: Optional[int] = typer.Option(None, "--top-k", help="Keep the k most likely tokens; 0 = off."),
-    min_p: Optional[float] = typer.Option(None, "--min-p", help="Drop tokens below min_p x the top probability."),
+    system: Optional[str] = SYSTEM_OPTION,
+    max_tokens: Optional[int] = MAX_TOKENS_OPTION,
+    temperature: Optional[float] = TEMPERATURE_OPTION,
+    top_p: Optional[float] = TOP_P_OPTION,
+    top_k: Optional[int] = TOP_K_OPTION,
+    min_p: Optional[float] = MIN_P_OPTION,
     seed: Optional[int] = SEED_OPTION,
     show_reasoning: bool = typer.Option(True, "--show-reasoning/--hide-reasoning", help="Stream the reasoning dimmed, or collapse it to one line."),
     mtp: Optional[bool] = MTP_OPTION,
@@ -142,9 +147,15 @@ def chat(
     max_context: Optional[int] = MAX_CONTEXT_OPTION,
     prefill_step: int = PREFILL_STEP_OPTION,
     kv_bits: Optional[int] = KV_BITS_OPTION,
+    cache_disk: str = CACHE_DISK_OPTION,
+    cache_dir: Path = CACHE_DIR_OPTION,
+    parallel: Optional[str] = PARALLEL_OPTION,
+    split: Optional[str] = SPLIT_OPTION,
     vision: bool = VISION_OPTION,
 ) -> None:
     """Chat in the terminal: streaming answers, reasoning dimmed, the KV cache kept between turns.
+
+    With --cache-disk the KV state of every prompt and answer is also kept on SSD: a later chat with the same system prompt (or the same opening turns) starts from it.
 
     Example: step35-mlx chat --model ./Step-3.5-Flash-4bit --system "Be concise."
     """
@@ -153,18 +164,32 @@ def chat(
     from ..session import ChatSession
 
     console = Console(highlight=False, soft_wrap=True)
+
+    def warn(msg: str) -> None:
+        console.print(msg, style="yellow", markup=False)
+
+    _, disk = cache_budgets("0", cache_disk, cache_dir)
+    if parallel is not None and disk:
+        fail("--cache-disk does not work with --parallel yet (each rank holds part of the cache)")
+    ram = CHAT_CACHE_RAM if disk else 0
     try:
-        loaded = load_for_cli(model, lambda msg: console.print(msg, style="yellow", markup=False),
-                              max_context=max_context, kv_bits=kv_bits, mtp=mtp, prefill_step=prefill_step,
+        loaded = load_for_cli(model, warn, max_context=max_context, kv_bits=kv_bits, mtp=mtp,
+                              prefill_step=prefill_step, parallel=parallel, split=split, cache_ram=ram,
                               vision=vision)
+        prefix_cache = open_prefix_cache(loaded.model, ram, disk, cache_dir, warn, kv_bits)
         try:
             session = ChatSession(loaded.model, loaded.tokenizer, system=system, max_tokens=max_tokens,
                                   temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed, mtp=mtp,
                                   draft_depth=draft_depth, max_context=loaded.context_limit,
                                   generation_config=loaded.generation_config, kv_bits=kv_bits,
-                                  prefill_step=prefill_step)
+                                  prefill_step=prefill_step, prefix_cache=prefix_cache)
         except ValueError as e:
             fail(str(e))
+        if parallel is not None:
+            from .parallel import chat_across_ranks
+
+            return chat_across_ranks(session, loaded.model.token_group,
+                                     lambda s: _converse(console, s, show_reasoning))
         console.print(f"step35-mlx chat · {loaded.path} · context limit {session.context_limit} tokens",
                       style="bold", markup=False)
         console.print("Type a message. /help lists commands; Ctrl-C stops an answer; Ctrl-D exits.", style="dim")
@@ -222,6 +247,9 @@ def _converse(console, session, show_reasoning: bool) -> None:
                         break
             except KeyboardInterrupt:
                 interrupted = True
+            except RuntimeError as e:  # MLX could not run an operation (e.g. a kernel its backend lacks)
+                printer.end()
+                console.print(f"error: the MLX backend could not run this: {e}", style="red", markup=False)
             finally:
                 stream.close()
                 printer.end()

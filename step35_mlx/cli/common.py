@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import NoReturn
 
 import typer
@@ -16,6 +17,41 @@ PREFILL_STEP_OPTION = typer.Option(512, "--prefill-step", help="Prompt tokens pe
 KV_BITS_OPTION = typer.Option(None, "--kv-bits", help="Store the KV cache quantized (4 or 8 bits).")
 VISION_OPTION = typer.Option(True, "--vision/--no-vision", help="Step 3.7: load the vision tower (default) or skip its ~4 GB when no images are needed.")
 SEED_OPTION = typer.Option(None, "--seed", help="Random seed for reproducible sampling (0 to 2^64-1).")
+CACHE_DISK_OPTION = typer.Option("0", "--cache-disk", help="Prefix cache on SSD (e.g. 64GB): KV state of earlier prompts, kept across runs; 0 (default) = off.")
+CACHE_DIR_OPTION = typer.Option(Path("~/.cache/step35-mlx/kv"), "--cache-dir", help="Folder of the SSD prefix cache (one subfolder per model and KV format).")
+
+
+def cache_budgets(cache_ram: str, cache_disk: str, cache_dir: Path) -> tuple[int, int]:
+    """``--cache-ram`` / ``--cache-disk`` in bytes, or one red line (checked before the model loads)."""
+    from ..prefix_cache import parse_budget
+
+    try:
+        ram, disk = parse_budget(cache_ram, "--cache-ram"), parse_budget(cache_disk, "--cache-disk")
+    except ValueError as e:
+        fail(str(e))
+    if disk and cache_dir.expanduser().exists() and not cache_dir.expanduser().is_dir():
+        fail(f"--cache-dir {cache_dir} is not a folder")
+    return ram, disk
+
+
+def open_prefix_cache(model, ram: int, disk: int, cache_dir: Path, warn, kv_bits: int | None = None):
+    """The ``PrefixCache`` for these budgets (``None`` when both are 0), or one red line."""
+    from ..prefix_cache import PrefixCache
+
+    if not ram and not disk:
+        return None
+    try:
+        return PrefixCache(model, ram_bytes=ram, disk_bytes=disk, cache_dir=cache_dir, kv_bits=kv_bits, warn=warn)
+    except ValueError as e:
+        fail(str(e))
+    except OSError as e:
+        fail(f"--cache-dir {cache_dir}: {e.strerror or e}")
+SYSTEM_OPTION = typer.Option(None, "--system", "-s", help="System prompt.")
+MAX_TOKENS_OPTION = typer.Option(None, "--max-tokens", "-n", help="Most tokens per answer (default: generation_config.json, else 8192, within the context).")
+TEMPERATURE_OPTION = typer.Option(None, "--temperature", "-t", help="Sampling temperature; 0 is greedy (default: generation_config.json, else 1.0).")
+TOP_P_OPTION = typer.Option(None, "--top-p", help="Nucleus sampling mass (default: generation_config.json, else 0.95).")
+TOP_K_OPTION = typer.Option(None, "--top-k", help="Keep the k most likely tokens; 0 = off.")
+MIN_P_OPTION = typer.Option(None, "--min-p", help="Drop tokens below min_p x the top probability.")
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -33,7 +69,8 @@ def stats_line(st, interrupted: bool = False) -> str:
     """One line of generation statistics for the terminal."""
     parts = [f"{st.generation_tokens} tokens, {st.generation_tps:.1f} tok/s"]
     reused = st.prompt_tokens - st.prefill_tokens
-    parts.append(f"prompt {st.prefill_tokens} new" + (f" + {reused} cached" if reused else "")
+    where = f" ({st.cached_from})" if reused and getattr(st, "cached_from", "") else ""
+    parts.append(f"prompt {st.prefill_tokens} new" + (f" + {reused} cached{where}" if reused else "")
                  + f" at {st.prompt_tps:.0f} tok/s")
     if st.draft_depth:
         acc = "/".join(f"{a:.2f}" for a in st.acceptance)

@@ -9,21 +9,23 @@ from typing import Any, List, Optional
 
 import typer
 
-from .common import (DRAFT_DEPTH_OPTION, KV_BITS_OPTION, MAX_CONTEXT_OPTION, MODEL_OPTION, MTP_OPTION,
-                     PREFILL_STEP_OPTION, SEED_OPTION, VISION_OPTION, fail, printable, stats_line)
+from .common import (DRAFT_DEPTH_OPTION, KV_BITS_OPTION, MAX_CONTEXT_OPTION, MAX_TOKENS_OPTION, MIN_P_OPTION,
+                     MODEL_OPTION, MTP_OPTION, PREFILL_STEP_OPTION, SEED_OPTION, SYSTEM_OPTION, TEMPERATURE_OPTION,
+                     TOP_K_OPTION, TOP_P_OPTION, VISION_OPTION, fail, printable, stats_line)
 from ..text import invalid_text_reason
 from .loading import load_for_cli
+from .parallel import PARALLEL_OPTION, SPLIT_OPTION
 
 
 def generate(
     prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt, or '-' to read it from stdin."),
     model: Optional[str] = MODEL_OPTION,
-    system: Optional[str] = typer.Option(None, "--system", "-s", help="System prompt."),
-    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", "-n", help="Most tokens to generate (default: generation_config.json, else 8192, within the context)."),
-    temperature: Optional[float] = typer.Option(None, "--temperature", "-t", help="Sampling temperature; 0 is greedy."),
-    top_p: Optional[float] = typer.Option(None, "--top-p"),
-    top_k: Optional[int] = typer.Option(None, "--top-k"),
-    min_p: Optional[float] = typer.Option(None, "--min-p"),
+    system: Optional[str] = SYSTEM_OPTION,
+    max_tokens: Optional[int] = MAX_TOKENS_OPTION,
+    temperature: Optional[float] = TEMPERATURE_OPTION,
+    top_p: Optional[float] = TOP_P_OPTION,
+    top_k: Optional[int] = TOP_K_OPTION,
+    min_p: Optional[float] = MIN_P_OPTION,
     repetition_penalty: Optional[float] = typer.Option(None, "--repetition-penalty"),
     seed: Optional[int] = SEED_OPTION,
     stop: Optional[List[str]] = typer.Option(None, "--stop", help="Stop at this text (repeatable)."),
@@ -36,6 +38,8 @@ def generate(
     max_context: Optional[int] = MAX_CONTEXT_OPTION,
     prefill_step: int = PREFILL_STEP_OPTION,
     kv_bits: Optional[int] = KV_BITS_OPTION,
+    parallel: Optional[str] = PARALLEL_OPTION,
+    split: Optional[str] = SPLIT_OPTION,
     image: Optional[List[Path]] = typer.Option(None, "--image", "-i",
                                                help="A picture for the prompt (Step 3.7 models; repeatable)."),
     vision: bool = VISION_OPTION,
@@ -71,7 +75,11 @@ def generate(
     images = _check_images(image or [], raw)
     loaded = load_for_cli(model, lambda msg: typer.secho(msg, fg=typer.colors.YELLOW, err=True),
                           max_context=max_context, kv_bits=kv_bits, mtp=mtp, prefill_step=prefill_step,
-                          images=bool(images), vision=vision)
+                          parallel=parallel, split=split, images=bool(images), vision=vision)
+    if parallel is not None:
+        from ..distributed.runtime import share_text
+
+        prompt = share_text(prompt, loaded.model.token_group)
     if raw:
         request: Any = prompt
     else:
@@ -100,6 +108,8 @@ def generate(
                 _echo_chunk(chunk, show_reasoning)
     except ValueError as e:
         fail(str(e))
+    except RuntimeError as e:  # MLX reports an operation its backend cannot run (e.g. a missing kernel)
+        fail(f"the MLX backend could not run this: {e}")
     answer = "".join(text)
     if json_out:
         typer.echo(json.dumps({

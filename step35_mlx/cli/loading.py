@@ -24,20 +24,29 @@ class LoadedModel:
 
 def load_for_cli(model: Optional[str], announce: Callable[[str], None], *, max_context: Optional[int] = None,
                  kv_bits: Optional[int] = None, mtp: Optional[bool] = None, prefill_step: int = 512,
+                 parallel: Optional[str] = None, split: Optional[str] = None, cache_ram: int = 0,
                  images: bool = False, vision: bool = True) -> LoadedModel:
     """Load a model for a command, or print one red line and exit 2.
 
     Before any weight is read, the memory plan (``step35_mlx.plan.preflight``) must fit this
     machine: for ``max_context`` when given, else for the longest context that fits (which
     becomes the limit). A model that does not fit is refused with the options that would fit.
+    ``cache_ram``: bytes the prefix cache may hold in RAM, planned with the rest.
+    ``parallel`` (tensor, expert, pipeline): this rank's share only, under ``mlx.launch``.
     ``images``: the request has pictures, so a model without a vision tower is refused up front.
     ``vision=False`` leaves a Step 3.7 vision tower unloaded.
     """
+    if parallel is not None:
+        from .parallel import load_parallel_for_cli
+
+        return load_parallel_for_cli(model, announce, parallel, split, mtp=mtp is not False,
+                                     max_context=max_context, kv_bits=kv_bits)
     from ..generate import read_generation_config
     from ..hub import DEMO_DIR, ModelNotFoundError, resolve_model
     from ..loader import CheckpointError, load
     from ..mlx_lm_format import read_folder
     from ..plan import InsufficientMemoryError, preflight
+    from ..streams import default_two_streams, use_two_streams
 
     try:
         path = resolve_model(model)
@@ -50,7 +59,7 @@ def load_for_cli(model: Optional[str], announce: Callable[[str], None], *, max_c
     try:
         folder = read_folder(path)
         plan = preflight(path, folder_format=folder, context=max_context, kv_bits=kv_bits, mtp=keep_mtp,
-                         prefill_step=prefill_step)
+                         prefill_step=prefill_step, prefix_cache=cache_ram)
     except InsufficientMemoryError as e:
         head, _, options = str(e).partition("\n")
         typer.secho(f"error: {head}", fg=typer.colors.RED, err=True)
@@ -73,6 +82,7 @@ def load_for_cli(model: Optional[str], announce: Callable[[str], None], *, max_c
                  f"(`step35-mlx plan --model {path}` shows the options).")
     try:
         m, tok = load(path, folder_format=folder, mtp=keep_mtp, vision=vision)
+        use_two_streams(m, default_two_streams())  # CPU device with a free second core: MoE decode on both
         generation_config = read_generation_config(path, warn=announce)
     except (ValueError, OSError) as e:
         fail(f"cannot load {path}: {e}")

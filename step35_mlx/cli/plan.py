@@ -158,6 +158,10 @@ def plan(
     mtp: bool = typer.Option(True, "--mtp/--no-mtp", help="Count the MTP heads (speculative decoding) and their caches."),
     prefill_step: int = typer.Option(512, "--prefill-step", help="Prompt tokens per prefill chunk (bounds activations)."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan, the verdicts and the context table as JSON."),
+    cache_ram: str = typer.Option("0", "--cache-ram", help="RAM budget of serve's prefix cache to count (e.g. 8GB; "
+                                  "default 0)."),
+    hosts: Optional[str] = typer.Option(None, "--hosts", help="Several Macs, e.g. 2x64GB or 128GB,64GB: per-rank "
+                                        "memory of each --parallel mode and recipe, and the launch line."),
 ) -> None:
     from ..hub import ModelNotFoundError
     from ..plan import (
@@ -165,6 +169,7 @@ def plan(
         folder_weight_sizes, load_dtype_bytes, machine_memory, parse_kv_bits, parse_tokens, plan_memory, verdict,
         weight_sizes,
     )
+    from ..prefix_cache import parse_budget
     from ..quant.recipes import RECIPES
 
     try:
@@ -177,10 +182,15 @@ def plan(
             raise ValueError(f"--context {context} is outside 1..{limit:,} (the model's maximum context)")
         if prefill_step < 1:
             raise ValueError("--prefill-step must be >= 1")
+        if hosts is not None:
+            from .parallel import print_hosts_plan
+
+            return print_hosts_plan(cfg, hosts, recipe, ctx if context is not None else 32768)
         if mtp and not cfg.num_nextn_predict_layers:
             mtp = False
+        ram = parse_budget(cache_ram, "--cache-ram")
         base = plan_memory(cfg, recipe=target.weights, context=ctx, kv_bits=bits, mtp=mtp,
-                           prefill_step=prefill_step, activation_dtype_bytes=target.activation_bytes)
+                           prefill_step=prefill_step, activation_dtype_bytes=target.activation_bytes, prefix_cache=ram)
     except (ValueError, FileNotFoundError, ModelNotFoundError) as e:
         fail(str(e))
 

@@ -7,8 +7,10 @@ from typing import Optional
 
 import typer
 
-from .common import MAX_CONTEXT_OPTION, MODEL_OPTION, MTP_OPTION, VISION_OPTION, fail
+from .common import (CACHE_DIR_OPTION, CACHE_DISK_OPTION, MAX_CONTEXT_OPTION, MODEL_OPTION, MTP_OPTION,
+                     VISION_OPTION, cache_budgets, fail, open_prefix_cache)
 from .loading import load_for_cli
+from .parallel import PARALLEL_OPTION, SPLIT_OPTION
 
 
 def serve(
@@ -21,6 +23,11 @@ def serve(
     max_context: Optional[int] = MAX_CONTEXT_OPTION,
     mtp: Optional[bool] = MTP_OPTION,
     max_body: str = typer.Option("8MB", "--max-body", help="Largest request body accepted (e.g. 8MB, 512KB); larger requests get 413 before they are read."),
+    cache_ram: str = typer.Option("8GB", "--cache-ram", help="Prefix cache in RAM: KV state of earlier prompts reused by every client (0 turns it off)."),
+    cache_disk: str = CACHE_DISK_OPTION,
+    cache_dir: Path = CACHE_DIR_OPTION,
+    parallel: Optional[str] = PARALLEL_OPTION,
+    split: Optional[str] = SPLIT_OPTION,
     allow_local_images: bool = typer.Option(False, "--allow-local-images", help="Step 3.7: accept images given as local file paths / file:// URLs (files this machine can read)."),
     allow_remote_images: bool = typer.Option(False, "--allow-remote-images", help="Step 3.7: fetch images given as http(s) URLs."),
     max_images: int = typer.Option(8, "--max-images", min=1, help="Step 3.7: most images in one request; more get 400."),
@@ -47,29 +54,49 @@ def serve(
         max_image_bytes = parse_size(max_image_size)
     except ValueError as e:
         fail(f"--max-image-size: {e}")
+    ram, disk = cache_budgets(cache_ram, cache_disk, cache_dir)
+    if parallel is not None and (ram or disk):
+        # each rank holds only its share of the KV state: a prefix cache would store partial entries
+        if disk:
+            fail("--cache-disk does not work with --parallel yet (each rank holds part of the cache)")
+        ram = 0
     loaded = load_for_cli(model, lambda text: typer.echo(text, err=True), max_context=max_context, mtp=mtp,
-                          vision=vision)
+                          parallel=parallel, split=split, cache_ram=ram, vision=vision)
     from ..server.images import ImagePolicy
     from ..vision.files import has_vision
 
     images = ImagePolicy(enabled=has_vision(loaded.model), allow_local=allow_local_images,
                          allow_remote=allow_remote_images, max_images=max_images, max_image_bytes=max_image_bytes)
+    channel = None
+    if parallel is not None:
+        from ..distributed.serving import JobChannel
+
+        channel = JobChannel(loaded.model.token_group)
     if not model_name:
         model_name = ("step35-mlx-demo" if model in (None, "demo")
                       else loaded.path.name if Path(model).expanduser().exists() else model)
+    prefix_cache = open_prefix_cache(loaded.model, ram, disk, cache_dir, lambda text: typer.echo(text, err=True))
     try:
         app = create_app(loaded.model, loaded.tokenizer, model_name=model_name, api_key=api_key,
                          max_queue=max_queue, generation_config=loaded.generation_config,
                          max_body_bytes=max_body_bytes, images=images, max_context=loaded.context_limit,
+                         channel=channel, prefix_cache=prefix_cache,
                          **({"mtp": mtp} if mtp is not None else {}))
     except ValueError as e:
         fail(str(e))
+    if channel is not None and not channel.leader:
+        from ..distributed.serving import follow
+
+        return follow(app.state.engine, channel)  # rank 0 serves HTTP; this rank runs its generations
     shown = "localhost" if host in ("0.0.0.0", "::") else host
     base = f"http://{shown}:{port}"
     typer.echo(f"serving {loaded.path} as '{model_name}'")
     typer.echo(f"  OpenAI base URL:    {base}/v1")
     typer.echo(f"  Anthropic base URL: {base}")
     typer.echo(f"  health:             {base}/health" + ("" if api_key else "   (no API key required)"))
+    if prefix_cache is not None:
+        where = f", SSD {cache_disk} in {prefix_cache.disk.folder}" if prefix_cache.disk else ""
+        typer.echo(f"  prefix cache:       RAM {cache_ram}{where}")
     try:
         uvicorn.run(app, host=host, port=port, log_level="info")
     finally:

@@ -123,9 +123,18 @@ class MoE(nn.Module):
             y = y[inverse].reshape(*indices.shape, 1, -1)
         return y.squeeze(-2)
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def route_observed(self, x: mx.array) -> tuple[mx.array, mx.array]:
+        """:meth:`route`, reporting the selection to ``observer`` when one is set."""
         idx, w = self.route(x)
         if self.observer is not None:
             self.observer(idx)
-        y = self.experts(x, idx)
-        return (y * w[..., None]).sum(axis=-2).astype(x.dtype)
+        return idx, w
+
+    @staticmethod
+    def combine(y: mx.array, w: mx.array, dtype: mx.Dtype) -> mx.array:
+        """Weighted sum of the selected experts' outputs ``[..., k, hidden]``."""
+        return (y * w[..., None]).sum(axis=-2).astype(dtype)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        idx, w = self.route_observed(x)
+        return self.combine(self.experts(x, idx), w, x.dtype)

@@ -13,7 +13,9 @@ Chat requests go through one :class:`~step35_mlx.session.ChatSession`: each requ
 replaces its history with the request's messages (``generate_for``), so a client that
 resends the conversation with one more turn reuses the cached prefix and prefills only
 the new tokens. The count is returned in the ``x-prefill-tokens`` header (and, for
-OpenAI, ``usage.prompt_tokens_details.cached_tokens``).
+OpenAI, ``usage.prompt_tokens_details.cached_tokens``; Anthropic, ``usage.cache_read_input_tokens``).
+With ``prefix_cache`` (a :class:`~step35_mlx.prefix_cache.PrefixCache`) every request of every
+client also reuses the prefixes cached by earlier requests, in RAM or on disk.
 
 Errors come back as JSON in each API's own shape: OpenAI
 ``{"error": {"message", "type", "param", "code"}}``, Anthropic
@@ -22,6 +24,7 @@ Errors come back as JSON in each API's own shape: OpenAI
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from typing import Any, AsyncIterator
@@ -40,22 +43,24 @@ from .engine import ClientGone, Engine, drain, first_chunk
 from .errors import APIError, as_api_error, error_response, log, validation_error
 from .images import NO_VISION, ImagePolicy, ImageReader
 from .messages import anthropic_messages, anthropic_tools, openai_messages, select_tools
-from .reply import Reply, call_id, collect, sse
+from .reply import Reply, anthropic_usage, call_id, collect, sse
 from .schemas import AnthCountRequest, AnthRequest, OAIChatRequest, OAICompletionRequest
 
 
 def create_app(model: Any, tokenizer: Any, *, model_name: str = "step-3.5-flash", api_key: str | None = None,
                max_queue: int = 8, generation_config: dict | None = None,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, images: ImagePolicy | None = None,
-               **defaults: Any) -> FastAPI:
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, channel: Any = None, prefix_cache: Any = None,
+               images: ImagePolicy | None = None, **defaults: Any) -> FastAPI:
     """The ASGI app serving ``model``; ``defaults`` are ChatSession sampling defaults (``max_context``, ``mtp``...).
 
+    ``channel``: a ``distributed.serving.JobChannel`` when the model is split across ranks.
     ``images``: which pictures requests may carry (default: data URLs / base64 when the model has
     a vision tower, none otherwise).
 
     Request bodies over ``max_body_bytes`` get 413 before they are read whole.
     """
-    engine = Engine(model, tokenizer, max_queue=max_queue, generation_config=generation_config, defaults=defaults)
+    engine = Engine(model, tokenizer, max_queue=max_queue, generation_config=generation_config, defaults=defaults,
+                    channel=channel, prefix_cache=prefix_cache)
     policy = images or ImagePolicy(enabled=has_vision(model))
     if policy.enabled and not has_vision(model):
         raise ValueError(NO_VISION)
@@ -111,8 +116,11 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str = "step-3.5-flash"
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_name, "busy": engine.inflight > 0,
-                "queued": max(0, engine.inflight - 1), "max_queue": engine.max_queue}
+        out = {"status": "ok", "model": model_name, "busy": engine.inflight > 0,
+               "queued": max(0, engine.inflight - 1), "max_queue": engine.max_queue}
+        if prefix_cache is not None:
+            out["prefix_cache"] = dataclasses.asdict(prefix_cache.usage())
+        return out
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -245,7 +253,7 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str = "step-3.5-flash"
             return JSONResponse({"id": mid, "type": "message", "role": "assistant", "model": model_name,
                                  "content": content, "stop_reason": r.anthropic_stop(),
                                  "stop_sequence": r.stop_sequence,
-                                 "usage": {"input_tokens": r.prompt_tokens, "output_tokens": r.completion_tokens}},
+                                 "usage": r.anthropic_usage()},
                                 headers=headers(first))
 
         if not req.stream:
@@ -255,7 +263,7 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str = "step-3.5-flash"
             yield sse({"type": "message_start", "message": {
                 "id": mid, "type": "message", "role": "assistant", "model": model_name, "content": [],
                 "stop_reason": None, "stop_sequence": None,
-                "usage": {"input_tokens": first.stats.prompt_tokens, "output_tokens": 0}}}, "message_start")
+                "usage": anthropic_usage(first.stats, 0)}}, "message_start")
             index, open_kind = -1, None
 
             def start(kind: str, block: dict) -> list[bytes]:
@@ -299,7 +307,7 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str = "step-3.5-flash"
                 yield b
             yield sse({"type": "message_delta",
                         "delta": {"stop_reason": reply.anthropic_stop(), "stop_sequence": reply.stop_sequence},
-                        "usage": {"input_tokens": reply.prompt_tokens, "output_tokens": reply.completion_tokens}},
+                        "usage": reply.anthropic_usage()},
                        "message_delta")
             yield sse({"type": "message_stop"}, "message_stop")
 

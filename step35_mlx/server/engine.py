@@ -43,6 +43,10 @@ class Run:
             if self.cancelled.is_set():
                 return
             gen = self.start()
+            if self.engine.channel is not None:  # several ranks: stop where rank 0 stops
+                from ..distributed.serving import consume
+
+                return consume(gen, self.engine.channel, self._post, self.cancelled.is_set)
             try:
                 for chunk in gen:
                     self._post(chunk)
@@ -77,9 +81,12 @@ class Run:
 
 class Engine:
     def __init__(self, model: Any, tokenizer: Any, *, max_queue: int, generation_config: dict | None,
-                 defaults: dict) -> None:
+                 defaults: dict, channel: Any = None, prefix_cache: Any = None) -> None:
         self.model, self.tokenizer = model, tokenizer
-        self.session = ChatSession(model, tokenizer, generation_config=generation_config, **defaults)
+        self.channel = channel  # distributed.serving.JobChannel when the model is split across ranks
+        self.prefix_cache = prefix_cache  # a PrefixCache shared by every request, or None
+        self.session = ChatSession(model, tokenizer, generation_config=generation_config,
+                                   prefix_cache=prefix_cache, **defaults)
         self.generation_config = generation_config
         self.defaults = defaults
         self.max_queue = max_queue
@@ -88,8 +95,12 @@ class Engine:
         self.served = 0
 
     def close(self) -> None:
-        """Stop the worker thread (after the generation in progress, if any)."""
+        """Stop the worker thread (after the generation in progress, if any), and the other ranks."""
+        if self.channel is not None:
+            self.executor.submit(self.channel.share_job, {"kind": "exit"}).result()
         self.executor.shutdown(wait=True, cancel_futures=True)
+        if self.prefix_cache is not None:
+            self.prefix_cache.flush()
 
     def _release(self) -> None:
         self.inflight -= 1
@@ -108,12 +119,25 @@ class Engine:
         return run
 
     def chat(self, messages: list[dict], tools: list[dict] | None, settings: dict) -> Run:
-        return self.submit(lambda: self.session.generate_for(messages, tools, **settings))
+        return self._job({"kind": "chat", "messages": messages, "tools": tools, "settings": settings})
 
     def complete(self, prompt: str, settings: dict) -> Run:
+        return self._job({"kind": "complete", "prompt": prompt, "settings": settings})
+
+    def start_completion(self, prompt: str, settings: dict) -> Iterator[GenerationChunk]:
         kw = {**self.defaults, **{k: v for k, v in settings.items() if v is not None}}
-        return self.submit(lambda: stream_generate(self.model, self.tokenizer, prompt,
-                                                   generation_config=self.generation_config, **kw))
+        return stream_generate(self.model, self.tokenizer, prompt, prefix_cache=self.prefix_cache,
+                               generation_config=self.generation_config, **kw)
+
+    def _job(self, job: dict) -> Run:
+        from ..distributed.serving import run_job
+
+        def start() -> Iterator[GenerationChunk]:
+            if self.channel is not None:  # on the worker thread, so the ranks see jobs in order
+                self.channel.share_job(job)
+            return run_job(self, job)
+
+        return self.submit(start)
 
 
 async def first_chunk(run: Run, request: Request) -> GenerationChunk:

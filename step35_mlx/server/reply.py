@@ -74,10 +74,20 @@ class Reply:
             return "stop_sequence"
         return "end_turn"
 
+    def anthropic_usage(self) -> dict:
+        """Anthropic's split: ``input_tokens`` excludes the prompt tokens read from the cache."""
+        return anthropic_usage(self.stats, self.completion_tokens)
+
     def openai_usage(self) -> dict:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
                 "total_tokens": self.prompt_tokens + self.completion_tokens,
                 "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
+
+
+def anthropic_usage(stats: Any, output_tokens: int) -> dict:
+    cached = (stats.prompt_tokens - stats.prefill_tokens) if stats else 0
+    return {"input_tokens": (stats.prompt_tokens if stats else 0) - cached, "output_tokens": output_tokens,
+            "cache_creation_input_tokens": 0, "cache_read_input_tokens": cached}
 
 
 def call_id(prefix: str) -> str:

@@ -43,8 +43,8 @@ def image_sources(messages: Any) -> list[ImageSource]:
 
 
 def content_key(digest: str) -> int:
-    """A negative stand-in id for an image's tokens in prefix comparisons (never a real token id)."""
-    return -1 - int(hashlib.sha256(digest.encode()).hexdigest()[:15], 16)
+    """A negative stand-in id for an image's tokens in prefix comparisons (never a real token id; fits int32)."""
+    return -1 - int(hashlib.sha256(digest.encode()).hexdigest()[:8], 16) % (2**31 - 1)
 
 
 @dataclass(frozen=True)
