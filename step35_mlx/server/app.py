@@ -41,6 +41,7 @@ from .errors import APIError, as_api_error, error_response, log, validation_erro
 from .messages import anthropic_messages, anthropic_tools, openai_messages, select_tools
 from .reply import Reply, anthropic_usage, call_id, collect, sse
 from .schemas import AnthCountRequest, AnthRequest, OAIChatRequest, OAICompletionRequest
+from .thinking import anthropic_request_thinking, openai_reasoning_budget
 
 
 def create_app(model: Any, tokenizer: Any, *, model_name: str = "step-3.5-flash", api_key: str | None = None,
@@ -113,11 +114,21 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str = "step-3.5-flash"
             out["prefix_cache"] = dataclasses.asdict(prefix_cache.usage())
         return out
 
+    def model_card() -> dict:
+        return {"id": model_name, "object": "model", "created": created, "owned_by": "step35-mlx"}
+
     @app.get("/v1/models")
     async def models(request: Request):
         check_key(request)
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                            "owned_by": "step35-mlx"}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, request: Request):
+        check_key(request)
+        if model_id != model_name:
+            raise APIError(404, f"the model {model_id!r} does not exist; this server serves {model_name!r}",
+                           param="model", code="model_not_found")
+        return model_card()
 
     # ------------------------------------------------------------ OpenAI chat
 
@@ -128,7 +139,8 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str = "step-3.5-flash"
         tools = select_tools(req.tools, req.tool_choice, anthropic=False)
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         settings = dict(max_tokens=req.max_completion_tokens or req.max_tokens, temperature=req.temperature,
-                        top_p=req.top_p, top_k=req.top_k, seed=req.seed, stop=stops or None)
+                        top_p=req.top_p, top_k=req.top_k, seed=req.seed, stop=stops or None, clamp_max_tokens=True,
+                        reasoning_budget=openai_reasoning_budget(req.reasoning_effort))
         run = engine.chat(messages, tools, settings)
         first = await first_chunk(run, request)
         rid, now = call_id("chatcmpl-"), int(time.time())
@@ -145,11 +157,11 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str = "step-3.5-flash"
         async def events() -> AsyncIterator[bytes]:
             yield chunk({"role": "assistant", "content": ""})
             async for c in drain(run, first):
-                reply.add(c)
+                shown = reply.add(c)
                 if c.reasoning:
                     yield chunk({"reasoning_content": c.reasoning})
-                if c.content:
-                    yield chunk({"content": c.content})
+                if shown:
+                    yield chunk({"content": shown})
                 for k, call in enumerate(c.tool_calls):
                     i = len(reply.tool_calls) - len(c.tool_calls) + k
                     yield chunk({"tool_calls": [{"index": i, "id": call_id("call_"), "type": "function",
@@ -189,7 +201,7 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str = "step-3.5-flash"
             raise APIError(400, "prompt: must not be empty", param="prompt")
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         settings = dict(max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-                        seed=req.seed, stop=stops or None)
+                        seed=req.seed, stop=stops or None, clamp_max_tokens=True)
         run = engine.complete(prompt, settings)
         first = await first_chunk(run, request)
         rid, now = call_id("cmpl-"), int(time.time())
@@ -226,8 +238,9 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str = "step-3.5-flash"
         msgs = anthropic_messages(req)
         tools = select_tools(anthropic_tools(req.tools), req.tool_choice, anthropic=True)
         stops = list(req.stop_sequences or [])
+        thinking = anthropic_request_thinking(req.thinking)
         settings = dict(max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-                        stop=stops or None)
+                        stop=stops or None, clamp_max_tokens=True, reasoning_budget=thinking.budget)
         run = engine.chat(msgs, tools, settings)
         first = await first_chunk(run, request)
         mid = call_id("msg_")
@@ -235,7 +248,7 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str = "step-3.5-flash"
 
         def body(r: Reply) -> JSONResponse:
             content: list[dict] = []
-            if "".join(r.reasoning):
+            if thinking.show and "".join(r.reasoning):
                 content.append({"type": "thinking", "thinking": "".join(r.reasoning), "signature": ""})
             if "".join(r.content):
                 content.append({"type": "text", "text": "".join(r.content)})
@@ -277,17 +290,17 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str = "step-3.5-flash"
                 return sse({"type": "content_block_delta", "index": index, "delta": d}, "content_block_delta")
 
             async for c in drain(run, first):
-                reply.add(c)
-                if c.reasoning:
+                shown = reply.add(c)
+                if c.reasoning and thinking.show:
                     if open_kind != "thinking":
                         for b in start("thinking", {"type": "thinking", "thinking": "", "signature": ""}):
                             yield b
                     yield delta({"type": "thinking_delta", "thinking": c.reasoning})
-                if c.content:
+                if shown:
                     if open_kind != "text":
                         for b in start("text", {"type": "text", "text": ""}):
                             yield b
-                    yield delta({"type": "text_delta", "text": c.content})
+                    yield delta({"type": "text_delta", "text": shown})
                 for call in c.tool_calls:
                     for b in start("tool_use", {"type": "tool_use", "id": call_id("toolu_"), "name": call.name,
                                                 "input": {}}):

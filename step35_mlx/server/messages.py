@@ -50,21 +50,25 @@ def openai_messages(messages: list[OAIMessage]) -> list[dict]:
     names: dict[str, str] = {}
     for i, m in enumerate(messages):
         where = f"messages.{i}"
-        role = "system" if m.role == "developer" else m.role
+        role = {"developer": "system", "function": "tool"}.get(m.role, m.role)
         msg: dict[str, Any] = {"role": role, "content": _text_of(m.content, f"{where}.content")}
         if role == "assistant":
             if m.reasoning_content:
                 msg["reasoning_content"] = m.reasoning_content
-            if m.tool_calls:
-                calls = []
-                for j, c in enumerate(m.tool_calls):
-                    if c.id:
-                        names[c.id] = c.function.name
-                    calls.append({"type": "function", "function": {
-                        "name": c.function.name,
-                        "arguments": _arguments(c.function.arguments, f"{where}.tool_calls.{j}.function.arguments")}})
+            calls = []
+            for j, c in enumerate(m.tool_calls or []):
+                if c.id:
+                    names[c.id] = c.function.name
+                calls.append({"type": "function", "function": {
+                    "name": c.function.name,
+                    "arguments": _arguments(c.function.arguments, f"{where}.tool_calls.{j}.function.arguments")}})
+            if m.function_call is not None:  # the legacy single call
+                calls.append({"type": "function", "function": {
+                    "name": m.function_call.name,
+                    "arguments": _arguments(m.function_call.arguments, f"{where}.function_call.arguments")}})
+            if calls:
                 msg["tool_calls"] = calls
-        elif role == "tool":
+        elif role == "tool":  # a "function" message names its function itself
             msg["name"] = m.name or names.get(m.tool_call_id or "", "")
         out.append(msg)
     return out
@@ -79,13 +83,24 @@ def anthropic_tools(tools: list[AnthTool] | None) -> list[dict] | None:
 
 
 def anthropic_messages(req: Any) -> list[dict]:
-    """Anthropic system + messages -> the chat template's messages."""
+    """Anthropic system + messages -> the chat template's messages.
+
+    ``role: "system"`` entries inside ``messages`` (Claude Code sends them) join the
+    ``system`` prompt, in order, separated by a blank line; the template gets one system message.
+    """
     out: list[dict] = []
-    if req.system:
-        out.append({"role": "system", "content": _text_of(req.system, "system")})
+    system = [_text_of(req.system, "system")] if req.system else []
+    for i, m in enumerate(req.messages):
+        if m.role == "system":
+            system.append(_text_of(m.content, f"messages.{i}.content"))
+    system = [s for s in system if s]
+    if system:
+        out.append({"role": "system", "content": "\n\n".join(system)})
     names: dict[str, str] = {}
     for i, m in enumerate(req.messages):
         where = f"messages.{i}.content"
+        if m.role == "system":
+            continue
         if isinstance(m.content, str):
             out.append({"role": m.role, "content": m.content})
             continue
@@ -101,6 +116,8 @@ def anthropic_messages(req: Any) -> list[dict]:
                 if not isinstance(b.get("text"), str):
                     raise APIError(400, f"{where}.{j}.text: must be a string", param=f"{where}.{j}.text")
                 text.append(b["text"])
+            elif kind == "document":
+                text.append(_document_text(b, f"{where}.{j}"))
             elif kind == "thinking" and m.role == "assistant":
                 thinking.append(str(b.get("thinking") or ""))
             elif kind == "redacted_thinking" and m.role == "assistant":
@@ -135,6 +152,18 @@ def anthropic_messages(req: Any) -> list[dict]:
             if text or not results:
                 out.append({"role": "user", "content": "".join(text)})
     return out
+
+
+def _document_text(block: dict, where: str) -> str:
+    """The text of an Anthropic ``document`` block: a plain-text source, or a content list of text blocks."""
+    source = block.get("source")
+    kind = source.get("type") if isinstance(source, dict) else None
+    if kind == "text" and isinstance(source.get("data"), str):
+        return source["data"]
+    if kind == "content":
+        return _text_of(source.get("content"), f"{where}.source.content")
+    raise APIError(400, f"{where}: only text documents are supported (source type 'text' or 'content'), "
+                        f"got {kind!r}", param=where)
 
 
 def select_tools(tools: list[dict] | None, choice: Any, anthropic: bool) -> list[dict] | None:

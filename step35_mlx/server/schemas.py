@@ -23,10 +23,11 @@ class OAIToolCall(_Loose):
 
 
 class OAIMessage(_Loose):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: Union[str, list[dict], None] = None
     name: Optional[str] = None
     tool_calls: Optional[list[OAIToolCall]] = None
+    function_call: Optional[OAIFunction] = None  # legacy: one call of an assistant message
     tool_call_id: Optional[str] = None
     reasoning_content: Optional[str] = None
 
@@ -35,7 +36,7 @@ class _OAIRequest(_Loose):
     """Fields the OpenAI chat and completions requests share."""
 
     model: Optional[str] = None
-    stream: bool = False
+    stream: Optional[bool] = False  # null is false
     stream_options: Optional[dict] = None
     temperature: Optional[float] = Field(None, ge=0)
     top_p: Optional[float] = Field(None, gt=0, le=1)
@@ -51,6 +52,7 @@ class OAIChatRequest(_OAIRequest):
     tool_choice: Union[str, dict, None] = None
     max_tokens: Optional[int] = Field(None, ge=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
+    reasoning_effort: Optional[str] = None
 
 
 class OAICompletionRequest(_OAIRequest):
@@ -59,7 +61,7 @@ class OAICompletionRequest(_OAIRequest):
 
 
 class AnthMessage(_Loose):
-    role: Literal["user", "assistant"]
+    role: Literal["user", "assistant", "system"]  # system entries are merged into the system prompt
     content: Union[str, list[dict]]
 
 
@@ -84,7 +86,8 @@ class AnthRequest(_Loose):
     system: Union[str, list[dict], None] = None
     tools: Optional[list[AnthTool]] = None
     tool_choice: Optional[dict] = None
-    stream: bool = False
+    stream: Optional[bool] = False
+    thinking: Optional[dict] = None
     stop_sequences: Optional[list[str]] = None
     temperature: Optional[float] = Field(None, ge=0)
     top_p: Optional[float] = Field(None, gt=0, le=1)
