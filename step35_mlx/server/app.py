@@ -34,13 +34,14 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..generate import GenerationChunk
+from ..generate import GenerationChunk, check_prompt_ids, encode_prompt
 from ..request_limits import DEFAULT_MAX_BODY_BYTES, RequestRejected, parse_json_body, read_body
 from .engine import ClientGone, Engine, drain, first_chunk
 from .errors import APIError, as_api_error, error_response, log, validation_error
 from .messages import anthropic_messages, anthropic_tools, openai_messages, select_tools
 from .reply import Reply, anthropic_usage, call_id, collect, sse
 from .schemas import AnthCountRequest, AnthRequest, OAIChatRequest, OAICompletionRequest
+from .logprobs import chat_logprobs, completion_logprobs, prompt_list, reply_ids
 from .thinking import anthropic_request_thinking, openai_reasoning_budget
 
 
@@ -123,7 +124,7 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str = "step-3.5-flash"
         return {"object": "list", "data": [model_card()]}
 
     @app.get("/v1/models/{model_id:path}")
-    async def model(model_id: str, request: Request):
+    async def model_by_id(model_id: str, request: Request):
         check_key(request)
         if model_id != model_name:
             raise APIError(404, f"the model {model_id!r} does not exist; this server serves {model_name!r}",
@@ -145,14 +146,28 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str = "step-3.5-flash"
         first = await first_chunk(run, request)
         rid, now = call_id("chatcmpl-"), int(time.time())
         reply = Reply(engine, stops)
+
+        async def logprobs(r: Reply) -> dict | None:
+            """Chat logprobs of every generated token (reasoning included), scored after the reply."""
+            if not req.logprobs:
+                return None
+            ids = list(tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True))
+            gen = reply_ids(tokenizer, r.token_ids, "".join(r.text), engine.eos_ids(), r.stop_sequence is not None)
+            return chat_logprobs(tokenizer, await engine.score(ids + gen, req.top_logprobs or 0, len(ids)), len(ids))
+
         if not req.stream:
-            return await collect(run, first, reply, request, lambda r: JSONResponse(_oai_chat_body(r, rid, now),
-                                                                                      headers=headers(first)))
+            done = await collect(run, first, reply, request, lambda r: r)
+            if not isinstance(done, Reply):
+                return done  # the client went away
+            return JSONResponse(_oai_chat_body(done, rid, now, await logprobs(done)), headers=headers(first))
         usage = bool((req.stream_options or {}).get("include_usage"))
 
-        def chunk(delta: dict, finish: str | None = None) -> bytes:
+        def chunk(delta: dict, finish: str | None = None, lp: dict | None = None) -> bytes:
+            choice = {"index": 0, "delta": delta, "finish_reason": finish}
+            if lp is not None:
+                choice["logprobs"] = lp
             return sse({"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_name,
-                         "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+                         "choices": [choice]})
 
         async def events() -> AsyncIterator[bytes]:
             yield chunk({"role": "assistant", "content": ""})
@@ -168,7 +183,7 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str = "step-3.5-flash"
                                                  "function": {"name": call.name,
                                                               "arguments": json.dumps(call.arguments,
                                                                                       ensure_ascii=False)}}]})
-            yield chunk({}, reply.openai_finish())
+            yield chunk({}, reply.openai_finish(), await logprobs(reply))  # logprobs come whole, at the end
             if usage:
                 yield sse({"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_name,
                             "choices": [], "usage": reply.openai_usage()})
@@ -176,7 +191,7 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str = "step-3.5-flash"
 
         return StreamingResponse(events(), media_type="text/event-stream", headers=headers(first))
 
-    def _oai_chat_body(r: Reply, rid: str, now: int) -> dict:
+    def _oai_chat_body(r: Reply, rid: str, now: int, logprobs: dict | None = None) -> dict:
         msg: dict[str, Any] = {"role": "assistant", "content": "".join(r.content),
                                "reasoning_content": "".join(r.reasoning) or None}
         if r.tool_calls:
@@ -184,7 +199,7 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str = "step-3.5-flash"
                                   "function": {"name": c.name, "arguments": json.dumps(c.arguments, ensure_ascii=False)}}
                                  for c in r.tool_calls]
         return {"id": rid, "object": "chat.completion", "created": now, "model": model_name,
-                "choices": [{"index": 0, "message": msg, "finish_reason": r.openai_finish(), "logprobs": None}],
+                "choices": [{"index": 0, "message": msg, "finish_reason": r.openai_finish(), "logprobs": logprobs}],
                 "usage": r.openai_usage()}
 
     # ------------------------------------------------------------ OpenAI completions
@@ -192,19 +207,18 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str = "step-3.5-flash"
     @app.post("/v1/completions")
     async def completions(request: Request):
         req: OAICompletionRequest = await parse(request, OAICompletionRequest)
-        prompt = req.prompt
-        if isinstance(prompt, list):
-            if len(prompt) != 1:
-                raise APIError(400, "prompt: exactly one prompt string is supported", param="prompt")
-            prompt = prompt[0]
-        if not prompt:
-            raise APIError(400, "prompt: must not be empty", param="prompt")
+        prompts = prompt_list(req.prompt)
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         settings = dict(max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                         seed=req.seed, stop=stops or None, clamp_max_tokens=True)
-        run = engine.complete(prompt, settings)
-        first = await first_chunk(run, request)
         rid, now = call_id("cmpl-"), int(time.time())
+        if len(prompts) > 1 or req.echo or req.logprobs is not None or req.max_tokens == 0:
+            if req.stream:
+                raise APIError(400, "stream: not supported with echo, logprobs, max_tokens 0 or several prompts",
+                               param="stream")
+            return await scored_completions(request, req, prompts, settings, stops, rid, now)
+        run = engine.complete(prompts[0], settings)
+        first = await first_chunk(run, request)
         reply = Reply(engine, stops)
 
         def body(r: Reply) -> JSONResponse:
@@ -229,6 +243,40 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str = "step-3.5-flash"
             yield sse("[DONE]")
 
         return StreamingResponse(events(), media_type="text/event-stream", headers=headers(first))
+
+    async def scored_completions(request: Request, req: OAICompletionRequest, prompts: list, settings: dict,
+                                 stops: list[str], rid: str, now: int) -> Any:
+        """Completions with ``echo``, ``logprobs``, token-id prompts or several prompts: one choice per prompt."""
+        choices, n_prompt, n_gen = [], 0, 0
+        for index, p in enumerate(prompts):
+            try:
+                ids = encode_prompt(tokenizer, p)
+                check_prompt_ids(ids, model.config.vocab_size)
+            except (ValueError, TypeError) as e:
+                raise APIError(400, f"prompt: {e}", param="prompt") from None
+            text, gen, finish = "", [], "length"
+            if req.max_tokens != 0:
+                run = engine.complete(ids, settings)
+                first = await first_chunk(run, request)
+                reply = await collect(run, first, Reply(engine, stops), request, lambda r: r)
+                if not isinstance(reply, Reply):
+                    return reply  # the client went away
+                text, finish = "".join(reply.text), reply.finish
+                gen = reply_ids(tokenizer, reply.token_ids, text, engine.eos_ids(), reply.stop_sequence is not None)
+                n_gen += reply.completion_tokens
+            elif not 0 < len(ids) < engine.session.context_limit:
+                raise APIError(400, f"prompt: {len(ids)} tokens do not fit the context", param="prompt")
+            n_prompt += len(ids)
+            prompt_text = p if isinstance(p, str) else tokenizer.decode(ids, skip_special_tokens=False)
+            shown = prompt_text if req.echo else ""
+            logprobs = None
+            if req.logprobs is not None:
+                scored = await engine.score(ids + gen, req.logprobs, 1 if req.echo else len(ids))
+                logprobs = completion_logprobs(tokenizer, scored, 0 if req.echo else len(ids),
+                                               0 if req.echo else len(prompt_text))
+            choices.append({"index": index, "text": shown + text, "finish_reason": finish, "logprobs": logprobs})
+        return {"id": rid, "object": "text_completion", "created": now, "model": model_name, "choices": choices,
+                "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_gen, "total_tokens": n_prompt + n_gen}}
 
     # ------------------------------------------------------------ Anthropic messages
 

@@ -129,8 +129,9 @@ def sse(data: Any, event: str | None = None) -> bytes:
 
 
 async def collect(run: Run, first: GenerationChunk, reply: Reply, request: Request,
-                   build: Callable[[Reply], JSONResponse]) -> JSONResponse:
-    """Gather a whole reply for a non-streaming response (a disconnect stops the generation)."""
+                   build: Callable[[Reply], Any]) -> Any:
+    """Gather a whole reply for a non-streaming response: ``build(reply)``, or a 499 response when the
+    client went away (a disconnect stops the generation)."""
     try:
         reply.add(first)
         item: Any = first

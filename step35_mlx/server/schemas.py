@@ -53,11 +53,15 @@ class OAIChatRequest(_OAIRequest):
     max_tokens: Optional[int] = Field(None, ge=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     reasoning_effort: Optional[str] = None
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = Field(None, ge=0, le=20)
 
 
 class OAICompletionRequest(_OAIRequest):
-    prompt: Union[str, list[str]]
-    max_tokens: Optional[int] = Field(16, ge=1)
+    prompt: Union[str, list]  # a string, token ids, or a list of either (checked by server.logprobs.prompt_list)
+    max_tokens: Optional[int] = Field(16, ge=0)  # 0: score the prompt only (with echo)
+    echo: Optional[bool] = None
+    logprobs: Optional[int] = Field(None, ge=0, le=20)
 
 
 class AnthMessage(_Loose):
