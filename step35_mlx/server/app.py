@@ -1,7 +1,9 @@
 """The ASGI app: an OpenAI- and Anthropic-compatible HTTP server for one loaded model (``step35-mlx serve``).
 
-Endpoints: ``/health``; OpenAI ``/v1/models``, ``/v1/chat/completions``,
-``/v1/completions``; Anthropic ``/v1/messages``.
+Endpoints: ``/health``; OpenAI ``/v1/models``, ``/v1/models/{id}``, ``/v1/chat/completions``,
+``/v1/completions`` (with ``echo``/``logprobs``); Anthropic ``/v1/messages``, ``/v1/messages/count_tokens``.
+Stop strings apply to the answer only; thinking budgets and the OpenAI effort mapping live in
+:mod:`step35_mlx.thinking`; ``max_tokens`` past the context is clamped (finish ``"length"``).
 
 One model instance serves one generation at a time. Requests wait in a bounded queue
 (``max_queue`` waiting besides the one running; more get 429). All model work runs on
