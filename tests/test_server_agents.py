@@ -264,7 +264,8 @@ def test_legacy_function_messages(server, oa):
 def test_document_blocks_are_text(server, an):
     doc = {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "The sky is green."},
            "title": "facts", "cache_control": {"type": "ephemeral"}}
-    listed = {"type": "document", "source": {"type": "content", "content": [{"type": "text", "text": "Grass is blue."}]}}
+    listed = {"type": "document",
+              "source": {"type": "content", "content": [{"type": "text", "text": "Grass is blue."}]}}
     msgs = [{"role": "user", "content": [doc, listed, {"type": "text", "text": " What colour?"}]}]
     n = an.messages.count_tokens(model="c", messages=msgs).input_tokens
     assert n == _prompt_len(server, [{"role": "user", "content": "The sky is green.Grass is blue. What colour?"}])
