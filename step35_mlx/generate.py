@@ -37,6 +37,7 @@ from .distributed.sync import root_tokens
 from .reasoning import THINK_CLOSE, THINK_OPEN, ReasoningSplitter
 from .sampling import SamplingParams, sample_token
 from .text import check_text
+from .thinking import AnswerStart, budget_processor
 from .tool_calls import ToolCall, ToolCallParser
 from .tuned import load_choice
 
@@ -79,6 +80,7 @@ class GenerationStats:
     acceptance: list[float] = field(default_factory=list)  # MTP: P(draft i accepted | earlier ones were)
     tokens_per_verify: float = 0.0
     cached_from: str = ""  # where the cached prompt tokens came from: "session", "ram", "disk" (prefix cache)
+    reasoning_tokens: int = 0  # generated tokens up to and including the one that closed </think>
 
     def to_dict(self) -> dict:
         return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
@@ -175,6 +177,8 @@ class Settings:
     mtp: bool | None
     draft_depth: int | None
     default_max_tokens: int
+    clamp_max_tokens: bool = False  # max_tokens past the context: stop at the context ("length"), not ValueError
+    reasoning_budget: int | None = None  # close </think> after this many generated tokens (see thinking.py)
 
     def budget(self, prompt_tokens: int) -> int:
         """``max_tokens`` for a prompt of this length; ``ValueError`` when it does not fit the context."""
@@ -187,6 +191,8 @@ class Settings:
         if self.max_tokens is None:
             return min(self.default_max_tokens, limit - prompt_tokens)
         if prompt_tokens + self.max_tokens > limit:
+            if self.clamp_max_tokens:
+                return limit - prompt_tokens
             raise ValueError(
                 f"prompt ({prompt_tokens} tokens) + max_tokens ({self.max_tokens}) = "
                 f"{prompt_tokens + self.max_tokens} tokens exceeds the context limit of {limit} tokens; "
@@ -212,6 +218,8 @@ def resolve_settings(
     mtp: bool | None = None,
     draft_depth: int | None = None,
     generation_config: dict | None = None,
+    clamp_max_tokens: bool = False,
+    reasoning_budget: int | None = None,
 ) -> Settings:
     gc = model_generation_config(model, tokenizer) if generation_config is None else generation_config
 
@@ -224,6 +232,8 @@ def resolve_settings(
 
     if max_tokens is not None and max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    if reasoning_budget is not None and (isinstance(reasoning_budget, bool) or reasoning_budget < 0):
+        raise ValueError(f"reasoning_budget must be >= 0, got {reasoning_budget}")
     if prefill_step < 1:
         raise ValueError(f"prefill_step must be >= 1, got {prefill_step}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64):
@@ -260,6 +270,8 @@ def resolve_settings(
         mtp=mtp,
         draft_depth=draft_depth,
         default_max_tokens=int(gc.get("max_tokens") or FALLBACK_SETTINGS["max_tokens"]),
+        clamp_max_tokens=bool(clamp_max_tokens),
+        reasoning_budget=reasoning_budget,
     )
 
 
@@ -525,6 +537,8 @@ def _run(model, tokenizer, cache, prompt_ids, cached, settings, budget, gen, rea
         for proc in make_logits_processors(repetition_penalty=settings.repetition_penalty,
                                            repetition_context_size=REPETITION_CONTEXT):
             processors.append(lambda toks, logits, p=proc: p(mx.concatenate([tail, toks]), logits))
+    if reasoning and settings.reasoning_budget is not None:
+        processors.append(budget_processor(tokenizer, settings.reasoning_budget, len(prompt_ids) - cached))
     key = mx.random.key(settings.seed) if settings.seed is not None else None
     detok = tokenizer.detokenizer
     splitter = ReasoningSplitter(in_reasoning=reasoning)
@@ -532,6 +546,7 @@ def _run(model, tokenizer, cache, prompt_ids, cached, settings, budget, gen, rea
     stats = GenerationStats(prompt_tokens=len(prompt_ids), prefill_tokens=len(prompt_ids) - cached,
                             context_tokens=len(prompt_ids), context_limit=settings.context_limit)
     stops = settings.stop
+    answer = AnswerStart(in_reasoning=reasoning)  # stop strings apply to the answer only
     emitted = 0
     mx.reset_peak_memory()
     tokens = gen(model, cache, mx.array(prompt_ids[cached:], dtype=mx.int32), settings.params,
@@ -565,20 +580,23 @@ def _run(model, tokenizer, cache, prompt_ids, cached, settings, budget, gen, rea
                 detok.finalize()
             text = detok.text
             delta_end = len(text)
-            if stops:
-                start = max(0, emitted - max(len(s) for s in stops) + 1)
+            answer_at = answer.position(text) if stops else None
+            if stops and answer_at is not None:
+                start = max(answer_at, emitted - max(len(s) for s in stops) + 1)
                 hits = [(i, s) for s in stops if (i := text.find(s, start)) >= 0]
                 if hits:
                     delta_end = min(hits)[0]
                     finish = "stop"
                 elif finish is None:
-                    delta_end = max(emitted, len(text) - _hold_for_stop(text, stops))
+                    delta_end = max(emitted, len(text) - _hold_for_stop(text[answer_at:], stops))
             delta = text[emitted:delta_end]
             emitted = max(emitted, delta_end)
             r, a = splitter.feed(delta)
             if finish is not None:
                 r2, a2 = splitter.finish()
                 r, a = r + r2, a + a2
+            if reasoning and not stats.reasoning_tokens and (splitter.reasoning_done or finish is not None):
+                stats.reasoning_tokens = n
             calls: list[ToolCall] = []
             if parser is not None:
                 events = parser.feed(a)
@@ -621,6 +639,8 @@ def stream_generate(
     kv_bits: int | None = None,
     kv_group_size: int | None = None,
     prefix_cache: Any = None,
+    reasoning_budget: int | None = None,
+    clamp_max_tokens: bool = False,
 ) -> Iterator[GenerationChunk]:
     """Generate a reply, one :class:`GenerationChunk` per token.
 
@@ -630,10 +650,12 @@ def stream_generate(
     checkpoint's ``generation_config.json`` (or ``generation_config=``), else
     :data:`FALLBACK_SETTINGS`; ``temperature=0`` is greedy. Generation stops at any
     eos id (config.json, tokenizer, generation_config.json), at a ``stop`` string (not
-    included in the text), or after ``max_tokens``. ``max_tokens`` unset means
+    included in the text; searched only in the answer, after ``</think>``), or after ``max_tokens``. ``max_tokens`` unset means
     "up to 8192 (or max_new_tokens), clamped to what fits in the context"; a prompt
     that, with an explicit ``max_tokens``, exceeds the context (``max_context`` or
-    the model's ``max_position_embeddings``) raises ``ValueError`` before anything runs.
+    the model's ``max_position_embeddings``) raises ``ValueError`` before anything runs
+    (``clamp_max_tokens=True``: generation stops at the context instead, finish ``"length"``).
+    ``reasoning_budget``: close the reasoning (force ``</think>``) after that many tokens.
     ``mtp``/``draft_depth`` select speculative decoding (issue 6); ``kv_bits`` (4 or 8)
     stores the KV cache quantized. ``prefix_cache`` (a :class:`~step35_mlx.prefix_cache.PrefixCache`)
     restores the longest cached prefix of the prompt and stores the prompt's and the reply's state.
@@ -644,7 +666,7 @@ def stream_generate(
         model, tokenizer, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
         min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop,
         prefill_step=prefill_step, max_context=max_context, mtp=mtp, draft_depth=draft_depth,
-        generation_config=generation_config,
+        generation_config=generation_config, reasoning_budget=reasoning_budget, clamp_max_tokens=clamp_max_tokens,
     )
     ids = encode_prompt(tokenizer, prompt_or_messages, tools)
     cache = new_cache(model, kv_bits, kv_group_size)

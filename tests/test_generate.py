@@ -112,14 +112,20 @@ def test_eos_ids_from_config_tokenizer_and_generation_config(mt, reference):
 def test_stop_strings_cut_the_text_at_every_position(mt):
     model, tok = mt
     full = generate(model, tok, MSGS, max_tokens=24, temperature=0)
-    visible = [i for i in range(2, len(full) - 3) if full[i:i + 3].isprintable() and full[i:i + 3].strip()]
+    # stops apply to the answer only: after "</think>" and the newline that belongs to the tag
+    at = full.index("</think>") + len("</think>")
+    at += full[at:at + 1] == "\n"
+    visible = [i for i in range(at, len(full) - 3) if full[i:i + 3].isprintable() and full[i:i + 3].strip()]
     assert visible
     for i in visible[::3]:
         stop = full[i:i + 3]
-        first = full.find(stop)
+        first = full.find(stop, at)
         chunks = list(stream_generate(model, tok, MSGS, max_tokens=24, temperature=0, stop=[stop, "\x00never"]))
         assert "".join(c.text for c in chunks) == full[:first]
         assert chunks[-1].finish_reason == "stop"
+    inside = next(full[i:i + 3] for i in range(2, at - 3) if full[i:i + 3].strip() and full[i:i + 3] not in full[at:])
+    chunks = list(stream_generate(model, tok, MSGS, max_tokens=24, temperature=0, stop=[inside]))
+    assert "".join(c.text for c in chunks) == full  # a stop inside the reasoning does not end the reply
 
 
 def test_sampling_goes_through_sampling_module(mt, reference):

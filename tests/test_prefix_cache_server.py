@@ -77,7 +77,8 @@ def test_restarted_server_serves_the_next_turn_from_disk(tmp_path):
     try:
         assert srv.health["prefix_cache"]["disk_entries"] >= 2 and srv.health["prefix_cache"]["ram_entries"] == 0
         anth, headers = _post(srv.base, "/v1/messages", {"model": "m", "system": SYSTEM, "messages": history[1:],
-                                                         "max_tokens": 12, "temperature": 0})
+                                                         "max_tokens": 12, "temperature": 0,
+                                                         "thinking": {"type": "adaptive"}})
         usage = anth["usage"]
         prompt = int(headers["x-prompt-tokens"])
         assert usage["cache_read_input_tokens"] > len(chat_model()[1].apply_chat_template(

@@ -150,12 +150,13 @@ def test_openai_chat_stream_matches_non_stream(server, oa):
 
 
 def test_openai_stop_string(oa):
-    ref = oa.chat.completions.create(model="m", messages=Q, max_tokens=8, temperature=0)
-    text = ref.choices[0].message.model_extra["reasoning_content"]
-    stop = text.split()[1]
-    r = oa.chat.completions.create(model="m", messages=Q, max_tokens=8, temperature=0, stop=[stop])
+    # reasoning_effort "none" closes the reasoning at once: the stop applies to the answer (after </think>)
+    kw = dict(model="m", messages=Q, max_tokens=8, temperature=0, reasoning_effort="none")
+    ref = oa.chat.completions.create(**kw).choices[0].message.content
+    stop = ref.split()[1]
+    r = oa.chat.completions.create(stop=[stop], **kw)
     assert r.choices[0].finish_reason == "stop"
-    assert stop not in r.choices[0].message.model_extra["reasoning_content"]
+    assert r.choices[0].message.content == ref[:ref.index(stop)]
 
 
 def test_openai_completions_raw(server, oa):
@@ -169,7 +170,8 @@ def test_openai_completions_raw(server, oa):
 
 
 def test_anthropic_non_stream_and_stream(server, an):
-    kw = dict(model="claude-x", max_tokens=8, extra_body={"temperature": 0}, system="Be brief.",
+    kw = dict(model="claude-x", max_tokens=8, extra_body={"temperature": 0, "thinking": {"type": "adaptive"}},
+              system="Be brief.",
               messages=[{"role": "user", "content": [{"type": "text", "text": "What is 2+2?"}]}])
     m = an.messages.create(**kw)
     assert m.stop_reason == "max_tokens"
@@ -190,12 +192,14 @@ def test_anthropic_non_stream_and_stream(server, an):
 
 
 def test_anthropic_stop_sequence_and_count_tokens(server, an):
-    kw = dict(model="c", max_tokens=8, extra_body={"temperature": 0}, messages=Q)
-    ref = an.messages.create(**kw).content[0].thinking
-    word = ref.split()[1]
+    kw = dict(model="c", max_tokens=8, messages=Q,
+              extra_body={"temperature": 0, "thinking": {"type": "enabled", "budget_tokens": 0}})
+    ref = an.messages.create(**kw)
+    assert ref.content[0].type == "text"  # a budget of 0 closes the reasoning at once: no thinking text
+    word = ref.content[0].text.split()[1]
     m = an.messages.create(stop_sequences=[word], **kw)
     assert m.stop_reason == "stop_sequence" and m.stop_sequence == word
-    assert word not in m.content[0].thinking
+    assert m.content[0].text == ref.content[0].text[:ref.content[0].text.index(word)]
     assert an.messages.count_tokens(model="c", messages=Q).input_tokens == _prompt_len(server, Q)
 
 
@@ -233,12 +237,13 @@ def test_openai_tool_round_trip(server, oa, recorded):
 def test_anthropic_tool_round_trip(server, an, recorded):
     tools = [{"name": "get_weather", "description": "Weather for a city",
               "input_schema": TOOLS[0]["function"]["parameters"]}]
-    m = an.messages.create(model="c", max_tokens=200, tools=tools, messages=Q)
+    think = {"type": "enabled", "budget_tokens": 1024}  # thinking blocks only when asked for
+    m = an.messages.create(model="c", max_tokens=200, tools=tools, messages=Q, thinking=think)
     assert m.stop_reason == "tool_use"
     assert [b.type for b in m.content] == ["thinking", "tool_use"]
     use = m.content[1]
     assert use.name == "get_weather" and use.input == {"city": "Paris", "days": 2}
-    with an.messages.stream(model="c", max_tokens=200, tools=tools, messages=Q) as s:
+    with an.messages.stream(model="c", max_tokens=200, tools=tools, messages=Q, thinking=think) as s:
         final = s.get_final_message()
     assert final.stop_reason == "tool_use" and final.content[1].input == {"city": "Paris", "days": 2}
     follow = Q + [{"role": "assistant", "content": [b.model_dump() for b in m.content]},
@@ -361,7 +366,6 @@ def _anthropic_shape(r, status):
     ("/v1/chat/completions", None, {"messages": Q, "max_tokens": "many"}, 400),
     ("/v1/chat/completions", None, {"messages": Q, "temperature": -1}, 400),
     ("/v1/chat/completions", None, {"messages": [{"role": "wizard", "content": "x"}]}, 400),
-    ("/v1/chat/completions", None, {"messages": Q, "max_tokens": 5000}, 400),
     ("/v1/chat/completions", None, {"messages": [{"role": "user", "content": "hi " * 4200}], "max_tokens": 2}, 400),
     ("/v1/chat/completions", None, {"messages": Q, "tool_choice": "sometimes", "tools": TOOLS}, 400),
     ("/v1/completions", None, {"prompt": 5}, 400),
@@ -380,7 +384,7 @@ def test_openai_errors(server, path, headers, body, status):
     (None, {"model": "c", "messages": Q}, 400),  # max_tokens is required
     (None, {"model": "c", "max_tokens": "4", "messages": Q, "system": 3}, 400),
     (None, {"model": "c", "max_tokens": 4, "messages": [{"role": "user", "content": [{"type": "image"}]}]}, 400),
-    (None, {"model": "c", "max_tokens": 5000, "messages": Q}, 400),
+    (None, {"model": "c", "max_tokens": 5, "messages": [{"role": "user", "content": "hi " * 4200}]}, 400),
 ])
 def test_anthropic_errors(server, headers, body, status):
     h = {"x-api-key": KEY} if headers is None else headers
@@ -396,7 +400,7 @@ def test_clients_raise_typed_errors_and_server_survives(server, oa):
     with pytest.raises(anthropic.AuthenticationError):
         an_bad.messages.create(model="c", max_tokens=4, messages=Q)
     with pytest.raises(openai.BadRequestError):
-        oa.chat.completions.create(model="m", messages=Q, max_tokens=99999)
+        oa.chat.completions.create(model="m", messages=[{"role": "user", "content": "la " * 5000}], max_tokens=4)
     assert httpx.get(server["url"] + "/health").json()["status"] == "ok"
     assert httpx.get(server["url"] + "/nope").status_code == 404
 

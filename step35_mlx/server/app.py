@@ -1,7 +1,9 @@
 """The ASGI app: an OpenAI- and Anthropic-compatible HTTP server for one loaded model (``step35-mlx serve``).
 
-Endpoints: ``/health``; OpenAI ``/v1/models``, ``/v1/chat/completions``,
-``/v1/completions``; Anthropic ``/v1/messages``.
+Endpoints: ``/health``; OpenAI ``/v1/models``, ``/v1/models/{id}``, ``/v1/chat/completions``,
+``/v1/completions`` (with ``echo``/``logprobs``); Anthropic ``/v1/messages``, ``/v1/messages/count_tokens``.
+Stop strings apply to the answer only; thinking budgets and the OpenAI effort mapping live in
+:mod:`step35_mlx.thinking`; ``max_tokens`` past the context is clamped (finish ``"length"``).
 
 One model instance serves one generation at a time. Requests wait in a bounded queue
 (``max_queue`` waiting besides the one running; more get 429). All model work runs on
@@ -35,7 +37,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..generate import GenerationChunk
+from ..generate import GenerationChunk, check_prompt_ids, encode_prompt
 from ..request_limits import DEFAULT_MAX_BODY_BYTES, RequestRejected, parse_json_body, read_body
 from ..vision.files import has_vision
 from ..vision.inputs import prepare as prepare_images
@@ -45,6 +47,8 @@ from .images import NO_VISION, ImagePolicy, ImageReader
 from .messages import anthropic_messages, anthropic_tools, openai_messages, select_tools
 from .reply import Reply, anthropic_usage, call_id, collect, sse
 from .schemas import AnthCountRequest, AnthRequest, OAIChatRequest, OAICompletionRequest
+from .logprobs import chat_logprobs, completion_logprobs, prompt_list, reply_ids
+from .thinking import anthropic_request_thinking, openai_reasoning_budget
 
 
 def create_app(model: Any, tokenizer: Any, *, model_name: str = "step-3.5-flash", api_key: str | None = None,
@@ -122,11 +126,21 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str = "step-3.5-flash"
             out["prefix_cache"] = dataclasses.asdict(prefix_cache.usage())
         return out
 
+    def model_card() -> dict:
+        return {"id": model_name, "object": "model", "created": created, "owned_by": "step35-mlx"}
+
     @app.get("/v1/models")
     async def models(request: Request):
         check_key(request)
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                            "owned_by": "step35-mlx"}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model_by_id(model_id: str, request: Request):
+        check_key(request)
+        if model_id != model_name:
+            raise APIError(404, f"the model {model_id!r} does not exist; this server serves {model_name!r}",
+                           param="model", code="model_not_found")
+        return model_card()
 
     # ------------------------------------------------------------ OpenAI chat
 
@@ -137,35 +151,50 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str = "step-3.5-flash"
         tools = select_tools(req.tools, req.tool_choice, anthropic=False)
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         settings = dict(max_tokens=req.max_completion_tokens or req.max_tokens, temperature=req.temperature,
-                        top_p=req.top_p, top_k=req.top_k, seed=req.seed, stop=stops or None)
+                        top_p=req.top_p, top_k=req.top_k, seed=req.seed, stop=stops or None, clamp_max_tokens=True,
+                        reasoning_budget=openai_reasoning_budget(req.reasoning_effort))
         run = engine.chat(messages, tools, settings)
         first = await first_chunk(run, request)
         rid, now = call_id("chatcmpl-"), int(time.time())
         reply = Reply(engine, stops)
+
+        async def logprobs(r: Reply) -> dict | None:
+            """Chat logprobs of every generated token (reasoning included), scored after the reply."""
+            if not req.logprobs:
+                return None
+            ids = list(tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True))
+            gen = reply_ids(tokenizer, r.token_ids, "".join(r.text), engine.eos_ids(), r.stop_sequence is not None)
+            return chat_logprobs(tokenizer, await engine.score(ids + gen, req.top_logprobs or 0, len(ids)), len(ids))
+
         if not req.stream:
-            return await collect(run, first, reply, request, lambda r: JSONResponse(_oai_chat_body(r, rid, now),
-                                                                                      headers=headers(first)))
+            done = await collect(run, first, reply, request, lambda r: r)
+            if not isinstance(done, Reply):
+                return done  # the client went away
+            return JSONResponse(_oai_chat_body(done, rid, now, await logprobs(done)), headers=headers(first))
         usage = bool((req.stream_options or {}).get("include_usage"))
 
-        def chunk(delta: dict, finish: str | None = None) -> bytes:
+        def chunk(delta: dict, finish: str | None = None, lp: dict | None = None) -> bytes:
+            choice = {"index": 0, "delta": delta, "finish_reason": finish}
+            if lp is not None:
+                choice["logprobs"] = lp
             return sse({"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_name,
-                         "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+                         "choices": [choice]})
 
         async def events() -> AsyncIterator[bytes]:
             yield chunk({"role": "assistant", "content": ""})
             async for c in drain(run, first):
-                reply.add(c)
+                shown = reply.add(c)
                 if c.reasoning:
                     yield chunk({"reasoning_content": c.reasoning})
-                if c.content:
-                    yield chunk({"content": c.content})
+                if shown:
+                    yield chunk({"content": shown})
                 for k, call in enumerate(c.tool_calls):
                     i = len(reply.tool_calls) - len(c.tool_calls) + k
                     yield chunk({"tool_calls": [{"index": i, "id": call_id("call_"), "type": "function",
                                                  "function": {"name": call.name,
                                                               "arguments": json.dumps(call.arguments,
                                                                                       ensure_ascii=False)}}]})
-            yield chunk({}, reply.openai_finish())
+            yield chunk({}, reply.openai_finish(), await logprobs(reply))  # logprobs come whole, at the end
             if usage:
                 yield sse({"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_name,
                             "choices": [], "usage": reply.openai_usage()})
@@ -173,7 +202,7 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str = "step-3.5-flash"
 
         return StreamingResponse(events(), media_type="text/event-stream", headers=headers(first))
 
-    def _oai_chat_body(r: Reply, rid: str, now: int) -> dict:
+    def _oai_chat_body(r: Reply, rid: str, now: int, logprobs: dict | None = None) -> dict:
         msg: dict[str, Any] = {"role": "assistant", "content": "".join(r.content),
                                "reasoning_content": "".join(r.reasoning) or None}
         if r.tool_calls:
@@ -181,7 +210,7 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str = "step-3.5-flash"
                                   "function": {"name": c.name, "arguments": json.dumps(c.arguments, ensure_ascii=False)}}
                                  for c in r.tool_calls]
         return {"id": rid, "object": "chat.completion", "created": now, "model": model_name,
-                "choices": [{"index": 0, "message": msg, "finish_reason": r.openai_finish(), "logprobs": None}],
+                "choices": [{"index": 0, "message": msg, "finish_reason": r.openai_finish(), "logprobs": logprobs}],
                 "usage": r.openai_usage()}
 
     # ------------------------------------------------------------ OpenAI completions
@@ -189,19 +218,18 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str = "step-3.5-flash"
     @app.post("/v1/completions")
     async def completions(request: Request):
         req: OAICompletionRequest = await parse(request, OAICompletionRequest)
-        prompt = req.prompt
-        if isinstance(prompt, list):
-            if len(prompt) != 1:
-                raise APIError(400, "prompt: exactly one prompt string is supported", param="prompt")
-            prompt = prompt[0]
-        if not prompt:
-            raise APIError(400, "prompt: must not be empty", param="prompt")
+        prompts = prompt_list(req.prompt)
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         settings = dict(max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-                        seed=req.seed, stop=stops or None)
-        run = engine.complete(prompt, settings)
-        first = await first_chunk(run, request)
+                        seed=req.seed, stop=stops or None, clamp_max_tokens=True)
         rid, now = call_id("cmpl-"), int(time.time())
+        if len(prompts) > 1 or req.echo or req.logprobs is not None or req.max_tokens == 0:
+            if req.stream:
+                raise APIError(400, "stream: not supported with echo, logprobs, max_tokens 0 or several prompts",
+                               param="stream")
+            return await scored_completions(request, req, prompts, settings, stops, rid, now)
+        run = engine.complete(prompts[0], settings)
+        first = await first_chunk(run, request)
         reply = Reply(engine, stops)
 
         def body(r: Reply) -> JSONResponse:
@@ -227,6 +255,40 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str = "step-3.5-flash"
 
         return StreamingResponse(events(), media_type="text/event-stream", headers=headers(first))
 
+    async def scored_completions(request: Request, req: OAICompletionRequest, prompts: list, settings: dict,
+                                 stops: list[str], rid: str, now: int) -> Any:
+        """Completions with ``echo``, ``logprobs``, token-id prompts or several prompts: one choice per prompt."""
+        choices, n_prompt, n_gen = [], 0, 0
+        for index, p in enumerate(prompts):
+            try:
+                ids = encode_prompt(tokenizer, p)
+                check_prompt_ids(ids, model.config.vocab_size)
+            except (ValueError, TypeError) as e:
+                raise APIError(400, f"prompt: {e}", param="prompt") from None
+            text, gen, finish = "", [], "length"
+            if req.max_tokens != 0:
+                run = engine.complete(ids, settings)
+                first = await first_chunk(run, request)
+                reply = await collect(run, first, Reply(engine, stops), request, lambda r: r)
+                if not isinstance(reply, Reply):
+                    return reply  # the client went away
+                text, finish = "".join(reply.text), reply.finish
+                gen = reply_ids(tokenizer, reply.token_ids, text, engine.eos_ids(), reply.stop_sequence is not None)
+                n_gen += reply.completion_tokens
+            elif not 0 < len(ids) < engine.session.context_limit:
+                raise APIError(400, f"prompt: {len(ids)} tokens do not fit the context", param="prompt")
+            n_prompt += len(ids)
+            prompt_text = p if isinstance(p, str) else tokenizer.decode(ids, skip_special_tokens=False)
+            shown = prompt_text if req.echo else ""
+            logprobs = None
+            if req.logprobs is not None:
+                scored = await engine.score(ids + gen, req.logprobs, 1 if req.echo else len(ids))
+                logprobs = completion_logprobs(tokenizer, scored, 0 if req.echo else len(ids),
+                                               0 if req.echo else len(prompt_text))
+            choices.append({"index": index, "text": shown + text, "finish_reason": finish, "logprobs": logprobs})
+        return {"id": rid, "object": "text_completion", "created": now, "model": model_name, "choices": choices,
+                "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_gen, "total_tokens": n_prompt + n_gen}}
+
     # ------------------------------------------------------------ Anthropic messages
 
     @app.post("/v1/messages")
@@ -235,8 +297,9 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str = "step-3.5-flash"
         msgs = await run_in_threadpool(anthropic_messages, req, ImageReader(policy))
         tools = select_tools(anthropic_tools(req.tools), req.tool_choice, anthropic=True)
         stops = list(req.stop_sequences or [])
+        thinking = anthropic_request_thinking(req.thinking)
         settings = dict(max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-                        stop=stops or None)
+                        stop=stops or None, clamp_max_tokens=True, reasoning_budget=thinking.budget)
         run = engine.chat(msgs, tools, settings)
         first = await first_chunk(run, request)
         mid = call_id("msg_")
@@ -244,7 +307,7 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str = "step-3.5-flash"
 
         def body(r: Reply) -> JSONResponse:
             content: list[dict] = []
-            if "".join(r.reasoning):
+            if thinking.show and "".join(r.reasoning):
                 content.append({"type": "thinking", "thinking": "".join(r.reasoning), "signature": ""})
             if "".join(r.content):
                 content.append({"type": "text", "text": "".join(r.content)})
@@ -286,17 +349,17 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str = "step-3.5-flash"
                 return sse({"type": "content_block_delta", "index": index, "delta": d}, "content_block_delta")
 
             async for c in drain(run, first):
-                reply.add(c)
-                if c.reasoning:
+                shown = reply.add(c)
+                if c.reasoning and thinking.show:
                     if open_kind != "thinking":
                         for b in start("thinking", {"type": "thinking", "thinking": "", "signature": ""}):
                             yield b
                     yield delta({"type": "thinking_delta", "thinking": c.reasoning})
-                if c.content:
+                if shown:
                     if open_kind != "text":
                         for b in start("text", {"type": "text", "text": ""}):
                             yield b
-                    yield delta({"type": "text_delta", "text": c.content})
+                    yield delta({"type": "text_delta", "text": shown})
                 for call in c.tool_calls:
                     for b in start("tool_use", {"type": "tool_use", "id": call_id("toolu_"), "name": call.name,
                                                 "input": {}}):

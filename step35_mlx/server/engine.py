@@ -10,6 +10,7 @@ from typing import Any, AsyncIterator, Callable, Iterator
 from fastapi import Request
 
 from ..generate import GenerationChunk, stream_generate
+from ..logprobs import TokenLogprobs, score
 from ..session import ChatSession
 from .errors import APIError, as_api_error
 
@@ -128,6 +129,13 @@ class Engine:
         kw = {**self.defaults, **{k: v for k, v in settings.items() if v is not None}}
         return stream_generate(self.model, self.tokenizer, prompt, prefix_cache=self.prefix_cache,
                                generation_config=self.generation_config, **kw)
+
+    async def score(self, ids: list[int], top: int, start: int) -> TokenLogprobs:
+        """Log-probabilities of ``ids`` (see :func:`step35_mlx.logprobs.score`), on the worker thread."""
+        if self.channel is not None:
+            raise APIError(400, "logprobs are not available when the model is split across machines (--parallel)")
+        return await asyncio.get_running_loop().run_in_executor(
+            self.executor, lambda: score(self.model, ids, top, start))
 
     def _job(self, job: dict) -> Run:
         from ..distributed.serving import run_job

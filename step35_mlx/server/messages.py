@@ -67,22 +67,26 @@ def openai_messages(messages: list[OAIMessage], images: ImageReader | None = Non
     names: dict[str, str] = {}
     for i, m in enumerate(messages):
         where = f"messages.{i}"
-        role = "system" if m.role == "developer" else m.role
+        role = {"developer": "system", "function": "tool"}.get(m.role, m.role)
         reader = images if role == "user" else None
         msg: dict[str, Any] = {"role": role, "content": _content_of(m.content, f"{where}.content", reader)}
         if role == "assistant":
             if m.reasoning_content:
                 msg["reasoning_content"] = m.reasoning_content
-            if m.tool_calls:
-                calls = []
-                for j, c in enumerate(m.tool_calls):
-                    if c.id:
-                        names[c.id] = c.function.name
-                    calls.append({"type": "function", "function": {
-                        "name": c.function.name,
-                        "arguments": _arguments(c.function.arguments, f"{where}.tool_calls.{j}.function.arguments")}})
+            calls = []
+            for j, c in enumerate(m.tool_calls or []):
+                if c.id:
+                    names[c.id] = c.function.name
+                calls.append({"type": "function", "function": {
+                    "name": c.function.name,
+                    "arguments": _arguments(c.function.arguments, f"{where}.tool_calls.{j}.function.arguments")}})
+            if m.function_call is not None:  # the legacy single call
+                calls.append({"type": "function", "function": {
+                    "name": m.function_call.name,
+                    "arguments": _arguments(m.function_call.arguments, f"{where}.function_call.arguments")}})
+            if calls:
                 msg["tool_calls"] = calls
-        elif role == "tool":
+        elif role == "tool":  # a "function" message names its function itself
             msg["name"] = m.name or names.get(m.tool_call_id or "", "")
         out.append(msg)
     return out
@@ -97,13 +101,24 @@ def anthropic_tools(tools: list[AnthTool] | None) -> list[dict] | None:
 
 
 def anthropic_messages(req: Any, images: ImageReader | None = None) -> list[dict]:
-    """Anthropic system + messages -> the chat template's messages; user ``image`` blocks read through ``images``."""
+    """Anthropic system + messages -> the chat template's messages; user ``image`` blocks read through ``images``.
+
+    ``role: "system"`` entries inside ``messages`` (Claude Code sends them) join the
+    ``system`` prompt, in order, separated by a blank line; the template gets one system message.
+    """
     out: list[dict] = []
-    if req.system:
-        out.append({"role": "system", "content": _text_of(req.system, "system")})
+    system = [_text_of(req.system, "system")] if req.system else []
+    for i, m in enumerate(req.messages):
+        if m.role == "system":
+            system.append(_text_of(m.content, f"messages.{i}.content"))
+    system = [s for s in system if s]
+    if system:
+        out.append({"role": "system", "content": "\n\n".join(system)})
     names: dict[str, str] = {}
     for i, m in enumerate(req.messages):
         where = f"messages.{i}.content"
+        if m.role == "system":
+            continue
         if isinstance(m.content, str):
             out.append({"role": m.role, "content": m.content})
             continue
@@ -123,6 +138,9 @@ def anthropic_messages(req: Any, images: ImageReader | None = None) -> list[dict
                 parts.append({"type": "text", "text": b["text"]})
             elif kind == "image" and m.role == "user" and images is not None:
                 parts.append({"type": "image", "image": images.anthropic(b, f"{where}.{j}")})
+            elif kind == "document":
+                text.append(_document_text(b, f"{where}.{j}"))
+                parts.append({"type": "text", "text": text[-1]})
             elif kind == "thinking" and m.role == "assistant":
                 thinking.append(str(b.get("thinking") or ""))
             elif kind == "redacted_thinking" and m.role == "assistant":
@@ -159,6 +177,18 @@ def anthropic_messages(req: Any, images: ImageReader | None = None) -> list[dict
             elif text or not results:
                 out.append({"role": "user", "content": "".join(text)})
     return out
+
+
+def _document_text(block: dict, where: str) -> str:
+    """The text of an Anthropic ``document`` block: a plain-text source, or a content list of text blocks."""
+    source = block.get("source")
+    kind = source.get("type") if isinstance(source, dict) else None
+    if kind == "text" and isinstance(source.get("data"), str):
+        return source["data"]
+    if kind == "content":
+        return _text_of(source.get("content"), f"{where}.source.content")
+    raise APIError(400, f"{where}: only text documents are supported (source type 'text' or 'content'), "
+                        f"got {kind!r}", param=where)
 
 
 def select_tools(tools: list[dict] | None, choice: Any, anthropic: bool) -> list[dict] | None:

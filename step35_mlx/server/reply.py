@@ -28,10 +28,14 @@ class Reply:
         self.finish: str | None = None
         self.stats = None
         self.stop_sequence: str | None = None
+        self._held = ""  # trailing whitespace of the content, shown once more text follows
+        self._after_call = False
 
-    def add(self, c: GenerationChunk) -> None:
+    def add(self, c: GenerationChunk) -> str:
+        """Take a chunk; returns the content to show now (whitespace-only content around tool calls is dropped)."""
+        shown = self._gate(c.content, bool(c.tool_calls), c.finish_reason is not None)
         self.reasoning.append(c.reasoning)
-        self.content.append(c.content)
+        self.content.append(shown)
         self.text.append(c.text)
         self.tool_calls += c.tool_calls
         self.token_ids += c.token_ids
@@ -40,6 +44,25 @@ class Reply:
             self.finish = c.finish_reason
             if c.finish_reason == "stop" and self.stops and c.token_ids and c.token_ids[-1] not in self.engine.eos_ids():
                 self.stop_sequence = self._which_stop()
+        return shown
+
+    def _gate(self, content: str, calls: bool, final: bool) -> str:
+        if self._after_call:
+            content = content.lstrip()
+            self._after_call = not content
+        body = content.rstrip()
+        out = ""
+        if body:
+            out, self._held = self._held + body, content[len(body):]
+        else:
+            self._held += content
+        if calls:
+            self._held, self._after_call = "", True
+        if final:
+            if not (self.tool_calls or calls):
+                out += self._held
+            self._held = ""
+        return out
 
     def _which_stop(self) -> str | None:
         shown = len("".join(self.text))
@@ -81,7 +104,12 @@ class Reply:
     def openai_usage(self) -> dict:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
                 "total_tokens": self.prompt_tokens + self.completion_tokens,
-                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
+                "completion_tokens_details": {"reasoning_tokens": self.reasoning_tokens}}
+
+    @property
+    def reasoning_tokens(self) -> int:
+        return self.stats.reasoning_tokens if self.stats else 0
 
 
 def anthropic_usage(stats: Any, output_tokens: int) -> dict:
@@ -101,8 +129,9 @@ def sse(data: Any, event: str | None = None) -> bytes:
 
 
 async def collect(run: Run, first: GenerationChunk, reply: Reply, request: Request,
-                   build: Callable[[Reply], JSONResponse]) -> JSONResponse:
-    """Gather a whole reply for a non-streaming response (a disconnect stops the generation)."""
+                   build: Callable[[Reply], Any]) -> Any:
+    """Gather a whole reply for a non-streaming response: ``build(reply)``, or a 499 response when the
+    client went away (a disconnect stops the generation)."""
     try:
         reply.add(first)
         item: Any = first

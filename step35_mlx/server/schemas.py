@@ -23,10 +23,11 @@ class OAIToolCall(_Loose):
 
 
 class OAIMessage(_Loose):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: Union[str, list[dict], None] = None
     name: Optional[str] = None
     tool_calls: Optional[list[OAIToolCall]] = None
+    function_call: Optional[OAIFunction] = None  # legacy: one call of an assistant message
     tool_call_id: Optional[str] = None
     reasoning_content: Optional[str] = None
 
@@ -35,7 +36,7 @@ class _OAIRequest(_Loose):
     """Fields the OpenAI chat and completions requests share."""
 
     model: Optional[str] = None
-    stream: bool = False
+    stream: Optional[bool] = False  # null is false
     stream_options: Optional[dict] = None
     temperature: Optional[float] = Field(None, ge=0)
     top_p: Optional[float] = Field(None, gt=0, le=1)
@@ -51,15 +52,20 @@ class OAIChatRequest(_OAIRequest):
     tool_choice: Union[str, dict, None] = None
     max_tokens: Optional[int] = Field(None, ge=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
+    reasoning_effort: Optional[str] = None
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = Field(None, ge=0, le=20)
 
 
 class OAICompletionRequest(_OAIRequest):
-    prompt: Union[str, list[str]]
-    max_tokens: Optional[int] = Field(16, ge=1)
+    prompt: Union[str, list]  # a string, token ids, or a list of either (checked by server.logprobs.prompt_list)
+    max_tokens: Optional[int] = Field(16, ge=0)  # 0: score the prompt only (with echo)
+    echo: Optional[bool] = None
+    logprobs: Optional[int] = Field(None, ge=0, le=20)
 
 
 class AnthMessage(_Loose):
-    role: Literal["user", "assistant"]
+    role: Literal["user", "assistant", "system"]  # system entries are merged into the system prompt
     content: Union[str, list[dict]]
 
 
@@ -84,7 +90,8 @@ class AnthRequest(_Loose):
     system: Union[str, list[dict], None] = None
     tools: Optional[list[AnthTool]] = None
     tool_choice: Optional[dict] = None
-    stream: bool = False
+    stream: Optional[bool] = False
+    thinking: Optional[dict] = None
     stop_sequences: Optional[list[str]] = None
     temperature: Optional[float] = Field(None, ge=0)
     top_p: Optional[float] = Field(None, gt=0, le=1)
