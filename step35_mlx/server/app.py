@@ -1,7 +1,7 @@
 """The ASGI app: an OpenAI- and Anthropic-compatible HTTP server for one loaded model (``step35-mlx serve``).
 
 Endpoints: ``/health``; OpenAI ``/v1/models``, ``/v1/chat/completions``,
-``/v1/completions``; Anthropic ``/v1/messages``.
+``/v1/completions``, ``/v1/responses`` (in :mod:`.responses`); Anthropic ``/v1/messages``.
 
 One model instance serves one generation at a time. Requests wait in a bounded queue
 (``max_queue`` waiting besides the one running; more get 429). All model work runs on
@@ -40,6 +40,7 @@ from .engine import ClientGone, Engine, drain, first_chunk
 from .errors import APIError, as_api_error, error_response, log, validation_error
 from .messages import anthropic_messages, anthropic_tools, openai_messages, select_tools
 from .reply import Reply, anthropic_usage, call_id, collect, sse
+from .responses import add_responses_routes
 from .schemas import AnthCountRequest, AnthRequest, OAIChatRequest, OAICompletionRequest
 
 
@@ -315,4 +316,5 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str = "step-3.5-flash"
             raise as_api_error(e if isinstance(e, (ValueError, TypeError)) else ValueError(str(e))) from None
         return {"input_tokens": len(ids)}
 
+    add_responses_routes(app, engine, parse=parse, headers=headers, model_name=model_name)
     return app
