@@ -8,6 +8,7 @@ import json
 import socket
 import threading
 import time
+from contextlib import contextmanager
 
 try:  # the openai client brings httpx2 (or httpx, in older releases)
     import httpx2 as httpx
@@ -20,6 +21,7 @@ openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
 from step35_mlx.loader import load  # noqa: E402
+from step35_mlx.prefix_cache import PrefixCache  # noqa: E402
 from step35_mlx.server import create_app  # noqa: E402
 from step35_mlx.server.errors import APIError  # noqa: E402
 from step35_mlx.server.responses import ResponseStore, input_messages  # noqa: E402
@@ -44,10 +46,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server():
-    model, tok = load("demo")
-    app = create_app(model, tok, model_name="step-demo", api_key=KEY, max_queue=8)
+@contextmanager
+def _serve(app):
     port = _free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     t = threading.Thread(target=srv.run, daemon=True)
@@ -56,10 +56,20 @@ def server():
     while not srv.started:
         assert time.time() < deadline, "server did not start"
         time.sleep(0.05)
-    yield {"url": f"http://127.0.0.1:{port}", "app": app, "tok": tok, "model": model}
-    srv.should_exit = True
-    t.join(10)
-    app.state.engine.close()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        t.join(10)
+        app.state.engine.close()
+
+
+@pytest.fixture(scope="module")
+def server():
+    model, tok = load("demo")
+    app = create_app(model, tok, model_name="step-demo", api_key=KEY, max_queue=8)
+    with _serve(app) as url:
+        yield {"url": url, "app": app, "tok": tok, "model": model}
 
 
 @pytest.fixture
@@ -72,7 +82,7 @@ def script(monkeypatch, server):
     """``script(text)``: the model 'generates' ``text`` then eos (run through the cache, so it stays exact)."""
     tok = server["tok"]
 
-    def use(text: str) -> list[int]:
+    def use(text: str, fail: bool = False) -> list[int]:
         ids = tok.encode(text, add_special_tokens=False) + [sorted(tok.eos_token_ids or [2])[0]]
 
         def scripted(model, cache, prompt, params, *, key, logits_processors, prefill_step, on_prefilled=None):
@@ -80,7 +90,9 @@ def script(monkeypatch, server):
             if on_prefilled is not None:
                 on_prefilled()
             generate_mod.prefill(model, cache, mx.array(ids), prefill_step)
-            yield from ids
+            yield from ids[:3] if fail else ids
+            if fail:
+                raise RuntimeError("the device went away")
 
         monkeypatch.setattr(generate_mod, "token_generator", lambda *a, **k: scripted)
         return ids
@@ -259,6 +271,35 @@ def test_codex_shaped_request(server, script):
     again = httpx.post(server["url"] + "/v1/responses", timeout=60, headers={"authorization": f"Bearer {KEY}"},
                        json={"previous_response_id": final["id"], "input": "and?"})
     assert again.status_code == 400 and again.json()["error"]["param"] == "previous_response_id"
+
+
+def test_a_generation_that_breaks_off_ends_the_stream_with_response_failed(server, oa, script):
+    script(ANSWER, fail=True)
+    with oa.responses.stream(model="m", input="What is 2+2?") as s:
+        events = list(s)
+    assert events[-1].type == "response.failed"
+    assert events[-1].response.status == "failed" and events[-1].response.error.code == "server_error"
+    assert events[-1].response.usage.output_tokens == 3
+    assert events[-2].type == "response.output_item.done" and events[-2].item.status == "incomplete"
+
+
+def test_cached_tokens_come_from_the_prefix_cache(server):
+    """Two conversations alternate on a server with a prefix cache: each continuation reuses its own first turn."""
+    model, tok = server["model"], server["tok"]
+    app = create_app(model, tok, model_name="m", prefix_cache=PrefixCache(model, ram_bytes=10**7, block_size=16))
+    with _serve(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
+        kw = dict(model="m", instructions="Answer in one word.", max_output_tokens=4, temperature=0)
+        first = [client.responses.create(input=f"Question {k}: name a fruit.", **kw) for k in range(2)]
+        # the session now holds conversation 1; conversation 0's first turn comes from the prefix cache
+        r = client.responses.create(input="And a vegetable?", previous_response_id=first[0].id, **kw)
+        ids = [tok.apply_chat_template([{"role": "system", "content": kw["instructions"]},
+                                        {"role": "user", "content": f"Question {k}: name a fruit."}],
+                                       add_generation_prompt=True) for k in range(2)]
+        shared = next(i for i, (a, b) in enumerate(zip(*ids)) if a != b)  # all the session alone could reuse
+        cached = r.usage.input_tokens_details.cached_tokens
+        assert cached > shared and cached >= first[0].usage.input_tokens - 16
+        assert app.state.engine.prefix_cache.usage().hits >= 1
 
 
 # ---------------------------------------------------------------- input mapping, store, errors

@@ -101,7 +101,8 @@ def input_messages(items: Union[str, list[dict]]) -> list[dict]:
         if kind == "message":
             role = item.get("role")
             if role not in ("user", "system", "developer", "assistant"):
-                raise APIError(400, f"{where}.role: must be user, system, developer or assistant", param=f"{where}.role")
+                raise APIError(400, f"{where}.role: must be user, system, developer or assistant",
+                               param=f"{where}.role")
             msg = {"role": role, "content": _text(item.get("content"), f"{where}.content")}
             if role == "assistant" and reasoning:
                 msg["reasoning_content"] = "".join(reasoning)
@@ -272,12 +273,14 @@ class OutputBuilder:
             self.open["content"][0]["text"] += ws
             out.append(self.event("response.output_text.delta", item_id=self.open["id"],
                                   output_index=len(self.output) - 1, content_index=0, delta=ws, logprobs=[]))
-        incomplete = reply.finish == "length"
-        out += self.close("incomplete" if incomplete else "completed")
+        status = "failed" if reply.finish is None else "incomplete" if reply.finish == "length" else "completed"
+        out += self.close("completed" if status == "completed" else "incomplete")
         thought = any(it["type"] == "reasoning" for it in self.output)
-        self.response.update(status="incomplete" if incomplete else "completed", completed_at=int(time.time()),
-                             incomplete_details={"reason": "max_output_tokens"} if incomplete else None,
+        self.response.update(status=status, completed_at=int(time.time()),
+                             incomplete_details={"reason": "max_output_tokens"} if status == "incomplete" else None,
                              usage=usage(reply, self.reasoning_tokens if thought else 0))
+        if status == "failed":  # the generation broke off (the error is in the server's log)
+            self.response["error"] = {"code": "server_error", "message": "the generation stopped with an error"}
         return out
 
 
@@ -353,7 +356,8 @@ def add_responses_routes(app: FastAPI, engine: Engine, *, parse: Callable, heade
                     "tools": req.tools or [], "tool_choice": req.tool_choice or "auto",
                     "parallel_tool_calls": req.parallel_tool_calls is not False,
                     "temperature": req.temperature, "top_p": req.top_p, "reasoning": req.reasoning,
-                    "store": req.store is not False, "metadata": req.metadata or {}, "text": {"format": {"type": "text"}},
+                    "store": req.store is not False, "metadata": req.metadata or {},
+                    "text": {"format": {"type": "text"}},
                     "truncation": "disabled", "incomplete_details": None, "error": None, "usage": None}
         build = OutputBuilder(response)
 
@@ -380,7 +384,7 @@ def add_responses_routes(app: FastAPI, engine: Engine, *, parse: Callable, heade
             for b in build.finish(reply):
                 yield b
             keep()
-            yield build.snapshot("response.incomplete" if response["status"] == "incomplete" else "response.completed")
+            yield build.snapshot(f"response.{response['status']}")
 
         return StreamingResponse(events(), media_type="text/event-stream", headers=headers(first))
 
