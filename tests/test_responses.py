@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 try:  # the openai client brings httpx2 (or httpx, in older releases)
     import httpx2 as httpx
@@ -38,6 +39,7 @@ CALL = ("Use the tool.\n</think>\n"
         "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n"
         "<parameter=days>\n2\n</parameter>\n</function>\n</tool_call>")
 ANSWER = "Add them.\n</think>\nFour."
+CODEX = json.loads((Path(__file__).parent / "data" / "codex_responses.json").read_text(encoding="utf-8"))
 
 
 def _free_port() -> int:
@@ -244,11 +246,14 @@ def test_codex_shaped_request(server, script):
         "model": "step-demo", "instructions": "You are Codex, a coding agent.",
         "input": [
             {"type": "message", "role": "developer",
-             "content": [{"type": "input_text", "text": "<permissions instructions>sandboxed</permissions instructions>"}]},
+             "content": [{"type": "input_text", "text": "<permissions>sandboxed</permissions>"}]},
             {"type": "message", "role": "user",
-             "content": [{"type": "input_text", "text": "<environment_context><cwd>/repo</cwd></environment_context>"}]},
+             "content": [{"type": "input_text", "text": "<environment_context>/repo</environment_context>"}]},
             {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Weather in Paris?"}]}],
-        "tools": [TOOL, {"type": "web_search"}], "tool_choice": "auto", "parallel_tool_calls": False,
+        "tools": [TOOL, {"type": "web_search"},
+                  {"type": "namespace", "name": "multi_agent_v1", "description": "Agents.",
+                   "tools": [{**TOOL, "name": "spawn_agent"}]}],
+        "tool_choice": "auto", "parallel_tool_calls": False,
         "reasoning": {"effort": "medium", "summary": "auto"}, "store": False, "stream": True,
         "include": ["reasoning.encrypted_content"], "prompt_cache_key": "0199-session",
         "text": {"verbosity": "medium"}}
@@ -266,7 +271,13 @@ def test_codex_shaped_request(server, script):
             {"role": "system", "content": body["input"][0]["content"][0]["text"]},
             {"role": "user", "content": body["input"][1]["content"][0]["text"]},
             {"role": "user", "content": "Weather in Paris?"}]
-    assert final["usage"]["input_tokens"] == _prompt_len(server, msgs, CHAT_TOOLS)
+    spawn = [{"type": "function", "function": {**CHAT_TOOLS[0]["function"], "name": "spawn_agent"}}]
+    assert final["usage"]["input_tokens"] == _prompt_len(server, msgs, CHAT_TOOLS + spawn)
+    # a function of a namespace tool comes back with its namespace
+    script(CALL.replace("get_weather", "spawn_agent"))
+    r = httpx.post(server["url"] + "/v1/responses", json={**body, "stream": False}, timeout=60,
+                   headers={"authorization": f"Bearer {KEY}"}).json()
+    assert (r["output"][1]["name"], r["output"][1]["namespace"]) == ("spawn_agent", "multi_agent_v1")
     # store: false keeps nothing
     again = httpx.post(server["url"] + "/v1/responses", timeout=60, headers={"authorization": f"Bearer {KEY}"},
                        json={"previous_response_id": final["id"], "input": "and?"})
@@ -300,6 +311,45 @@ def test_cached_tokens_come_from_the_prefix_cache(server):
         cached = r.usage.input_tokens_details.cached_tokens
         assert cached > shared and cached >= first[0].usage.input_tokens - 16
         assert app.state.engine.prefix_cache.usage().hits >= 1
+
+
+def _chat_tools(body: dict) -> list[dict]:
+    return [{"type": "function", "function": {"name": t["name"], "description": t["description"],
+                                              "parameters": t["parameters"]}} for t in body["tools"]]
+
+
+def _texts(item: dict) -> str:
+    return "".join(p["text"] for p in item["content"])
+
+
+def test_captured_codex_cli_turns_replay(server, script):
+    """Two request bodies captured from the real Codex CLI (a tool call, then its result), posted as they are."""
+    h = {"authorization": f"Bearer {KEY}"}
+    turn1, turn2 = CODEX["turns"]
+    script("Run it.\n</think>\n<tool_call>\n<function=exec_command>\n<parameter=cmd>\necho hi-from-codex\n"
+           "</parameter>\n</function>\n</tool_call>")
+    events = _sse(httpx.post(server["url"] + "/v1/responses", json=turn1, headers=h, timeout=60).text)
+    assert [name for name, _ in events][:2] == ["response.created", "response.in_progress"]
+    final = events[-1][1]["response"]
+    assert events[-1][0] == "response.completed" and final["status"] == "completed"
+    assert [(it["type"], it.get("name")) for it in final["output"]] == [("reasoning", None),
+                                                                         ("function_call", "exec_command")]
+    assert json.loads(final["output"][1]["arguments"]) == {"cmd": "echo hi-from-codex"}
+    msgs = [{"role": {"developer": "system"}.get(it["role"], it["role"]), "content": _texts(it)}
+            for it in turn1["input"]]
+    assert final["usage"]["input_tokens"] == _prompt_len(server, msgs, _chat_tools(turn1))
+    # turn 2: Codex sends everything again (store: false) with the reasoning item, the call and its output
+    script("It printed the greeting.\n</think>\nThe command printed hi-from-codex.")
+    events = _sse(httpx.post(server["url"] + "/v1/responses", json=turn2, headers=h, timeout=60).text)
+    final = events[-1][1]["response"]
+    assert [it["type"] for it in final["output"]] == ["reasoning", "message"]
+    assert final["output"][1]["content"][0]["text"] == "The command printed hi-from-codex."
+    result = turn2["input"][-1]["output"]
+    msgs += [{"role": "assistant", "content": "", "reasoning_content": "Run it.", "tool_calls": [
+        {"type": "function", "function": {"name": "exec_command", "arguments": {"cmd": "echo hi-from-codex"}}}]},
+             {"role": "tool", "name": "exec_command", "content": result}]
+    assert final["usage"]["input_tokens"] == _prompt_len(server, msgs, _chat_tools(turn2))
+    assert final["usage"]["input_tokens_details"]["cached_tokens"] > final["usage"]["input_tokens"] // 2
 
 
 # ---------------------------------------------------------------- input mapping, store, errors

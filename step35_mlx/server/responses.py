@@ -133,11 +133,21 @@ def input_messages(items: Union[str, list[dict]]) -> list[dict]:
     return out
 
 
+def namespaces(tools: list[dict] | None) -> dict[str, str]:
+    """Function name -> its ``namespace`` tool's name, for the functions grouped in namespaces (Codex sends some)."""
+    return {f.get("name"): t.get("name") for t in tools or [] if t.get("type") == "namespace"
+            for f in t.get("tools") or [] if f.get("type") == "function"}
+
+
 def chat_tools(tools: list[dict] | None) -> list[dict] | None:
-    """Responses function tools (flat) -> chat tools; hosted tools (web_search, custom...) are left out."""
+    """Responses function tools (flat, or grouped in ``namespace`` tools) -> chat tools.
+
+    Hosted tools (``web_search``, ``file_search``, ``custom``...) are left out: the model sees function tools only.
+    """
+    flat = [f for t in tools or [] for f in (t.get("tools") or [] if t.get("type") == "namespace" else [t])]
     out = [{"type": "function", "function": {"name": t.get("name"), "description": t.get("description") or "",
                                              "parameters": t.get("parameters") or {"type": "object", "properties": {}}}}
-           for t in tools or [] if t.get("type") == "function"]
+           for t in flat if t.get("type") == "function"]
     return out or None
 
 
@@ -156,8 +166,9 @@ def chat_tool_choice(choice: Any) -> Any:
 class OutputBuilder:
     """Turns chunks into output items and the stream events that build them (sequence numbers included)."""
 
-    def __init__(self, response: dict) -> None:
+    def __init__(self, response: dict, namespaces: dict[str, str] | None = None) -> None:
         self.response = response
+        self.namespaces = namespaces or {}
         self.output: list[dict] = response["output"]
         self.seq = 0
         self.open: dict | None = None  # the reasoning or message item being streamed
@@ -241,6 +252,8 @@ class OutputBuilder:
         args = json.dumps(arguments, ensure_ascii=False)
         item = {"id": call_id("fc_"), "type": "function_call", "call_id": call_id("call_"), "name": name,
                 "arguments": "", "status": "in_progress"}
+        if name in self.namespaces:
+            item["namespace"] = self.namespaces[name]
         out += self._add(item)
         idx = len(self.output) - 1
         item["arguments"], item["status"] = args, "completed"
@@ -359,7 +372,7 @@ def add_responses_routes(app: FastAPI, engine: Engine, *, parse: Callable, heade
                     "store": req.store is not False, "metadata": req.metadata or {},
                     "text": {"format": {"type": "text"}},
                     "truncation": "disabled", "incomplete_details": None, "error": None, "usage": None}
-        build = OutputBuilder(response)
+        build = OutputBuilder(response, namespaces(req.tools))
 
         def keep() -> None:
             if req.store is not False:
