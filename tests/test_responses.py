@@ -386,6 +386,8 @@ def test_store_is_a_bounded_lru():
     ({}, "input"),
     ({"input": "hi", "max_output_tokens": 0}, "max_output_tokens"),
     ({"input": [{"type": "message", "role": "tool", "content": "x"}]}, "input.0.role"),
+    ({"input": [{"role": "user", "content": [1]}]}, "input"),
+    ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input.0.type"),
     ({"input": "hi", "tool_choice": {"type": "function", "name": "nope"}, "tools": [TOOL]}, "tool_choice"),
 ])
 def test_bad_requests_are_400_in_openai_shape(server, body, param):

@@ -23,12 +23,12 @@ from typing import Any, AsyncIterator, Callable, Optional, Union
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import Field
+from pydantic import Field, ValidationError
 
 from ..generate import GenerationChunk
 from ..reasoning import THINK_CLOSE
 from .engine import Engine, drain, first_chunk
-from .errors import APIError
+from .errors import APIError, validation_error
 from .messages import openai_messages, select_tools
 from .reply import Reply, call_id, collect, sse
 from .schemas import OAIMessage, _Loose
@@ -354,8 +354,8 @@ def add_responses_routes(app: FastAPI, engine: Engine, *, parse: Callable, heade
         system = [{"role": "system", "content": req.instructions}] if req.instructions else []
         try:
             parsed = [OAIMessage.model_validate(m) for m in system + conversation]
-        except ValueError as e:
-            raise APIError(400, f"input: {e}", param="input") from None
+        except ValidationError as e:
+            raise APIError(400, f"input: {validation_error(e).message}", param="input") from None
         messages = openai_messages(parsed)
         tools = select_tools(chat_tools(req.tools), chat_tool_choice(req.tool_choice), anthropic=False)
         settings = dict(max_tokens=req.max_output_tokens, temperature=req.temperature, top_p=req.top_p,
