@@ -1,9 +1,10 @@
 """The ASGI app: an OpenAI- and Anthropic-compatible HTTP server for one loaded model (``step35-mlx serve``).
 
 Endpoints: ``/health``; OpenAI ``/v1/models``, ``/v1/models/{id}``, ``/v1/chat/completions``,
-``/v1/completions`` (with ``echo``/``logprobs``); Anthropic ``/v1/messages``, ``/v1/messages/count_tokens``.
-Stop strings apply to the answer only; thinking budgets and the OpenAI effort mapping live in
-:mod:`step35_mlx.thinking`; ``max_tokens`` past the context is clamped (finish ``"length"``).
+``/v1/completions`` (with ``echo``/``logprobs``), ``/v1/responses`` (in :mod:`.responses`); Anthropic
+``/v1/messages``, ``/v1/messages/count_tokens``. Stop strings apply to the answer only; thinking budgets
+and the OpenAI effort mapping live in :mod:`step35_mlx.thinking`; ``max_tokens`` past the context is
+clamped (finish ``"length"``).
 
 One model instance serves one generation at a time. Requests wait in a bounded queue
 (``max_queue`` waiting besides the one running; more get 429). All model work runs on
@@ -46,6 +47,7 @@ from .errors import APIError, as_api_error, error_response, log, validation_erro
 from .images import NO_VISION, ImagePolicy, ImageReader
 from .messages import anthropic_messages, anthropic_tools, openai_messages, select_tools
 from .reply import Reply, anthropic_usage, call_id, collect, sse
+from .responses import add_responses_routes
 from .schemas import AnthCountRequest, AnthRequest, OAIChatRequest, OAICompletionRequest
 from .logprobs import chat_logprobs, completion_logprobs, prompt_list, reply_ids
 from .thinking import anthropic_request_thinking, openai_reasoning_budget
@@ -388,4 +390,5 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str = "step-3.5-flash"
             raise as_api_error(e if isinstance(e, (ValueError, TypeError)) else ValueError(str(e))) from None
         return {"input_tokens": len(prepared.ids)}
 
+    add_responses_routes(app, engine, parse=parse, headers=headers, model_name=model_name)
     return app
