@@ -105,9 +105,11 @@ class PipelineModel(Model):
         emb = self.model.embed_tokens
         return emb.scales.dtype if "scales" in emb else emb.weight.dtype
 
-    def trunk(self, tokens: mx.array, cache: list | None = None) -> mx.array:
+    def trunk(self, tokens: mx.array, cache: list | None = None,
+              input_embeddings: mx.array | None = None) -> mx.array:
         """This stage's layers between a ``recv`` from the previous rank and a ``send`` to the next;
-        returns the last stage's hidden state on every rank (evaluated)."""
+        returns the last stage's hidden state on every rank (evaluated). ``input_embeddings`` (image
+        features merged in) replace the token embeddings on the first stage."""
         if cache is not None and len(cache) != len(self.layers):
             raise ValueError(f"cache has {len(cache)} entries; this stage has {len(self.layers)} layers")
         B, T = tokens.shape
@@ -116,7 +118,7 @@ class PipelineModel(Model):
         # from rank 0's token all_sum) first, then recv/send, then the hidden state's all_sum.
         mx.eval(tokens)
         if s.rank == 0:
-            h = self.model.embed_tokens(tokens)
+            h = self.model.embed_tokens(tokens) if input_embeddings is None else input_embeddings
         else:
             h = mx.distributed.recv((B, T, self.config.hidden_size), self._act_dtype(), s.rank - 1, group=g)
         full_mask, sliding_mask = self._masks(T, cache)

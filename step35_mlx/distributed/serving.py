@@ -98,7 +98,9 @@ class LeaderSession:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._session, name)
 
-    def send(self, text: str) -> Iterator:
+    def send(self, text: str, images: list | None = None) -> Iterator:
+        if images:
+            raise ValueError("images are not available with --parallel yet; run without it to attach them")
         self._channel.share_job({"kind": "send", "text": text})
         return leader_stream(self._session.send(text), self._channel)
 
