@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 import mlx.core as mx
 
 from .distributed.sync import root_tokens
+from .grammar import constraint_for
 from .reasoning import THINK_CLOSE, THINK_OPEN, ReasoningSplitter
 from .sampling import SamplingParams, sample_token
 from .text import check_text
@@ -175,6 +176,7 @@ class Settings:
     mtp: bool | None
     draft_depth: int | None
     default_max_tokens: int
+    constraint: Any = None  # grammar.Constraint: the answer's required shape (response_format, forced tools)
 
     def budget(self, prompt_tokens: int) -> int:
         """``max_tokens`` for a prompt of this length; ``ValueError`` when it does not fit the context."""
@@ -212,6 +214,7 @@ def resolve_settings(
     mtp: bool | None = None,
     draft_depth: int | None = None,
     generation_config: dict | None = None,
+    constraint: Any = None,
 ) -> Settings:
     gc = model_generation_config(model, tokenizer) if generation_config is None else generation_config
 
@@ -260,6 +263,7 @@ def resolve_settings(
         mtp=mtp,
         draft_depth=draft_depth,
         default_max_tokens=int(gc.get("max_tokens") or FALLBACK_SETTINGS["max_tokens"]),
+        constraint=constraint,
     )
 
 
@@ -503,7 +507,7 @@ def run(
 
     ``reasoning``: whether the reply starts inside ``<think>`` (``None``: look at the
     prompt). ``tools``: parse tool calls out of the answer. Checks the context budget
-    before anything runs.
+    and compiles ``settings.constraint`` (the answer's grammar) before anything runs.
     """
     prompt_ids = list(prompt_ids)
     check_prompt_ids(prompt_ids, model.config.vocab_size)
@@ -513,10 +517,18 @@ def run(
     gen = token_generator(settings.mtp, settings.draft_depth)
     if reasoning is None:
         reasoning = opens_reasoning(tokenizer, prompt_ids)
-    return _run(model, tokenizer, cache, prompt_ids, cached, settings, budget, gen, reasoning, tools, on_prefilled)
+    masks = []
+    if settings.constraint is not None:
+        from .grammar import grammar_processor
+
+        masks.append(grammar_processor(settings.constraint, tokenizer, vocab_size=model.config.vocab_size,
+                                       eos_ids=settings.eos_ids, start=len(prompt_ids) - cached,
+                                       reasoning=reasoning))
+    return _run(model, tokenizer, cache, prompt_ids, cached, settings, budget, gen, reasoning, tools, on_prefilled,
+                masks)
 
 
-def _run(model, tokenizer, cache, prompt_ids, cached, settings, budget, gen, reasoning, tools, on_prefilled):
+def _run(model, tokenizer, cache, prompt_ids, cached, settings, budget, gen, reasoning, tools, on_prefilled, masks):
     processors: list = []
     if settings.repetition_penalty is not None:
         from mlx_lm.sample_utils import make_logits_processors
@@ -525,6 +537,7 @@ def _run(model, tokenizer, cache, prompt_ids, cached, settings, budget, gen, rea
         for proc in make_logits_processors(repetition_penalty=settings.repetition_penalty,
                                            repetition_context_size=REPETITION_CONTEXT):
             processors.append(lambda toks, logits, p=proc: p(mx.concatenate([tail, toks]), logits))
+    processors += masks
     key = mx.random.key(settings.seed) if settings.seed is not None else None
     detok = tokenizer.detokenizer
     splitter = ReasoningSplitter(in_reasoning=reasoning)
@@ -621,6 +634,8 @@ def stream_generate(
     kv_bits: int | None = None,
     kv_group_size: int | None = None,
     prefix_cache: Any = None,
+    response_format: dict | None = None,
+    tool_choice: str | dict | None = None,
 ) -> Iterator[GenerationChunk]:
     """Generate a reply, one :class:`GenerationChunk` per token.
 
@@ -637,12 +652,16 @@ def stream_generate(
     ``mtp``/``draft_depth`` select speculative decoding (issue 6); ``kv_bits`` (4 or 8)
     stores the KV cache quantized. ``prefix_cache`` (a :class:`~step35_mlx.prefix_cache.PrefixCache`)
     restores the longest cached prefix of the prompt and stores the prompt's and the reply's state.
+    ``response_format`` (``json_object`` / ``json_schema``) and a forcing ``tool_choice``
+    (``"required"``, ``"any"``, a named tool) constrain the answer after ``</think>`` by a grammar
+    (:mod:`step35_mlx.grammar`, needs the extra ``grammar``).
     """
+
     settings = resolve_settings(
         model, tokenizer, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
         min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop,
         prefill_step=prefill_step, max_context=max_context, mtp=mtp, draft_depth=draft_depth,
-        generation_config=generation_config,
+        generation_config=generation_config, constraint=constraint_for(response_format, tools, tool_choice),
     )
     ids = encode_prompt(tokenizer, prompt_or_messages, tools)
     cache = new_cache(model, kv_bits, kv_group_size)
