@@ -137,8 +137,7 @@ class GrammarProcessor:
         self.think_close = think_close
         self.consumed: list[int] = []
         self.bitmask = llg.numpy.allocate_token_bitmask(1, vocab_size)
-        idx = mx.arange(vocab_size, dtype=mx.uint32)
-        self._word, self._bit = idx >> 5, idx & 31
+        self.vocab_size = vocab_size
         self._fill = llg.numpy.fill_next_token_bitmask
 
     def answer(self, generated: list[int]) -> list[int] | None:
@@ -172,10 +171,11 @@ class GrammarProcessor:
         self._fill(self.matcher, self.bitmask, 0)
         if not self.bitmask.any():
             return None
-        words = mx.array(self.bitmask[0].view(np.uint32))
-        return ((words[self._word] >> self._bit) & 1).astype(mx.bool_)
+        bits = np.unpackbits(self.bitmask[0].view(np.uint8), bitorder="little")[: self.vocab_size]
+        return mx.array(bits.astype(np.bool_))
 
     def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
+        mx.async_eval(logits)  # the forward runs on the device while the host computes the mask
         answer = self.answer([int(t) for t in tokens[self.start:].tolist()])
         # A row after a token the grammar rejects (a draft that will be rejected) or after the
         # grammar's eos (nothing allowed) is never sampled from; it passes unchanged.
