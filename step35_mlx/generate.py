@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 import mlx.core as mx
 
 from .distributed.sync import root_tokens
-from .grammar import constraint_for
+from .grammar import Constraint, constraint_for
 from .reasoning import THINK_CLOSE, THINK_OPEN, ReasoningSplitter
 from .sampling import SamplingParams, sample_token
 from .text import check_text
@@ -176,7 +176,7 @@ class Settings:
     mtp: bool | None
     draft_depth: int | None
     default_max_tokens: int
-    constraint: Any = None  # grammar.Constraint: the answer's required shape (response_format, forced tools)
+    constraint: Constraint | None = None  # the answer's required shape (response_format, forced tools)
 
     def budget(self, prompt_tokens: int) -> int:
         """``max_tokens`` for a prompt of this length; ``ValueError`` when it does not fit the context."""
@@ -214,7 +214,7 @@ def resolve_settings(
     mtp: bool | None = None,
     draft_depth: int | None = None,
     generation_config: dict | None = None,
-    constraint: Any = None,
+    constraint: Constraint | dict | None = None,
 ) -> Settings:
     gc = model_generation_config(model, tokenizer) if generation_config is None else generation_config
 
@@ -263,7 +263,7 @@ def resolve_settings(
         mtp=mtp,
         draft_depth=draft_depth,
         default_max_tokens=int(gc.get("max_tokens") or FALLBACK_SETTINGS["max_tokens"]),
-        constraint=constraint,
+        constraint=Constraint.coerce(constraint),
     )
 
 

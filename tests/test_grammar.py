@@ -172,3 +172,17 @@ def test_bad_options_are_value_errors(demo):
     with pytest.raises(ValueError, match="no tools"):
         generate(model, tok, "hi", max_tokens=2, tool_choice="required")
     assert constraint_for({"type": "text"}, [WEATHER], "auto") is None
+
+
+def test_chat_reply_reasons_freely_then_answers_in_schema(demo):
+    model, tok = demo
+    msgs = [{"role": "user", "content": "Give me a pet as JSON"}]
+    for seed in (1, 2, 3):  # seeds whose reasoning closes within the budget
+        free = list(stream_generate(model, tok, msgs, max_tokens=200, temperature=1.0, seed=seed))
+        con = list(stream_generate(model, tok, msgs, max_tokens=200, temperature=1.0, seed=seed,
+                                   response_format=PET_FORMAT))
+        ids = [c.token_ids[0] for c in free]
+        end = ids.index(tok.encode("</think>", add_special_tokens=False)[0]) + 1
+        assert [c.token_ids[0] for c in con][:end] == ids[:end]  # no mask inside the reasoning
+        assert "".join(c.reasoning for c in con) == "".join(c.reasoning for c in free)
+        check_pet(json.loads("".join(c.content for c in con)))

@@ -31,6 +31,17 @@ class Constraint:
     def kind(self) -> str:
         return "json" if self.schema is not None else "tool_call"
 
+    def to_dict(self) -> dict:
+        """JSON-safe form (what the server hands its worker, over the distributed job channel too)."""
+        return {"schema": self.schema, "tools": self.tools}
+
+    @classmethod
+    def coerce(cls, value: "Constraint | dict | None") -> "Constraint | None":
+        """A :class:`Constraint` from itself, its ``to_dict`` form, or ``None``."""
+        if value is None or isinstance(value, Constraint):
+            return value
+        return cls(schema=value.get("schema"), tools=dict(value.get("tools") or {}))
+
 
 def _json_constraint(response_format: Any) -> Constraint | None:
     if response_format is None:

@@ -36,6 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..generate import GenerationChunk
 from ..request_limits import DEFAULT_MAX_BODY_BYTES, RequestRejected, parse_json_body, read_body
+from .constrain import request_constraint
 from .engine import ClientGone, Engine, drain, first_chunk
 from .errors import APIError, as_api_error, error_response, log, validation_error
 from .messages import anthropic_messages, anthropic_tools, openai_messages, select_tools
@@ -128,7 +129,8 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str = "step-3.5-flash"
         tools = select_tools(req.tools, req.tool_choice, anthropic=False)
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         settings = dict(max_tokens=req.max_completion_tokens or req.max_tokens, temperature=req.temperature,
-                        top_p=req.top_p, top_k=req.top_k, seed=req.seed, stop=stops or None)
+                        top_p=req.top_p, top_k=req.top_k, seed=req.seed, stop=stops or None,
+                        constraint=request_constraint(req.response_format, tools, req.tool_choice))
         run = engine.chat(messages, tools, settings)
         first = await first_chunk(run, request)
         rid, now = call_id("chatcmpl-"), int(time.time())
@@ -227,7 +229,7 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str = "step-3.5-flash"
         tools = select_tools(anthropic_tools(req.tools), req.tool_choice, anthropic=True)
         stops = list(req.stop_sequences or [])
         settings = dict(max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-                        stop=stops or None)
+                        stop=stops or None, constraint=request_constraint(None, tools, req.tool_choice))
         run = engine.chat(msgs, tools, settings)
         first = await first_chunk(run, request)
         mid = call_id("msg_")
