@@ -10,8 +10,10 @@ import pytest
 pytest.importorskip("llguidance")
 
 from step35_mlx import load  # noqa: E402
-from step35_mlx.generate import generate, stream_generate  # noqa: E402
+from step35_mlx.generate import generate, new_cache, stream_generate  # noqa: E402
 from step35_mlx.grammar import constraint_for, grammar_processor  # noqa: E402
+from step35_mlx.sampling import SamplingParams  # noqa: E402
+from step35_mlx.speculative import speculative_tokens  # noqa: E402
 
 try:
     import jsonschema
@@ -97,6 +99,25 @@ def test_mtp_sampled_constrained_outputs_validate(demo):
         out = generate(model, tok, "The weather today", max_tokens=120, temperature=1.0, seed=seed,
                        response_format=PET_FORMAT, mtp=True, draft_depth=3)
         check_pet(json.loads(out))
+
+
+def test_mtp_draft_vocabulary_without_allowed_tokens_stays_exact(demo):
+    """Drafts over ids 0..39 (where the grammar allows almost nothing): drafts fall back to unmasked, verify rejects."""
+    model, tok = demo
+    eos = frozenset(model.config.eos_token_id)
+    prompt = mx.array(tok.encode("The weather today"), dtype=mx.int32)
+    for seed in range(3):
+        proc = grammar_processor(constraint_for(PET_FORMAT), tok, vocab_size=model.config.vocab_size, eos_ids=eos,
+                                 start=prompt.size, reasoning=False)
+        gen = speculative_tokens(model, new_cache(model), prompt, SamplingParams(temperature=1.0), depth=2,
+                                 key=mx.random.key(seed), logits_processors=[proc], draft_vocab=mx.arange(40))
+        out = []
+        for t in gen:
+            if t in eos or len(out) > 150:
+                break
+            out.append(t)
+        gen.close()
+        check_pet(json.loads(tok.decode(out)))
 
 
 def _answer_prompt(tok, tools):
