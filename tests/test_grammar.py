@@ -11,7 +11,7 @@ pytest.importorskip("llguidance")
 
 from step35_mlx import load  # noqa: E402
 from step35_mlx.generate import generate, new_cache, stream_generate  # noqa: E402
-from step35_mlx.grammar import constraint_for, grammar_processor  # noqa: E402
+from step35_mlx.grammar import Constraint, constraint_for, grammar_processor  # noqa: E402
 from step35_mlx.sampling import SamplingParams  # noqa: E402
 from step35_mlx.speculative import speculative_tokens  # noqa: E402
 
@@ -210,3 +210,16 @@ def test_chat_reply_reasons_freely_then_answers_in_schema(demo):
         assert [c.token_ids[0] for c in con][:end] == ids[:end]  # no mask inside the reasoning
         assert "".join(c.reasoning for c in con) == "".join(c.reasoning for c in free)
         check_pet(json.loads("".join(c.content for c in con)))
+
+
+def test_constraint_options_and_json_form():
+    forced = constraint_for(None, [WEATHER, CLOCK], {"type": "function", "function": {"name": "get_time"}})
+    assert list(forced.tools) == ["get_time"] and not forced.many_calls
+    anthropic = constraint_for(None, [WEATHER, CLOCK], {"type": "tool", "name": "get_weather"})
+    assert list(anthropic.tools) == ["get_weather"] and not anthropic.many_calls
+    for choice in ("required", {"type": "any"}):
+        any_tool = constraint_for({"type": "json_object"}, [WEATHER, CLOCK], choice)  # forcing wins
+        assert list(any_tool.tools) == ["get_weather", "get_time"] and any_tool.many_calls and any_tool.schema is None
+    schema = constraint_for(PET_FORMAT, [WEATHER], {"type": "auto"})
+    assert schema.schema == PET and not schema.tools
+    assert Constraint.coerce(json.loads(json.dumps(forced.to_dict()))) == forced

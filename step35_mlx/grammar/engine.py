@@ -116,11 +116,11 @@ def json_grammar(schema: dict) -> str:
     return 'start: "\\n"? value\nvalue: ' + _json_value(schema) + "\n"
 
 
-def grammar_text(constraint: Constraint, tokenizer: Any, many_calls: bool = True) -> str:
+def grammar_text(constraint: Constraint, tokenizer: Any) -> str:
     """The llguidance (Lark) grammar of a constraint for this tokenizer."""
     if constraint.schema is not None:
         return json_grammar(constraint.schema)
-    return tool_call_grammar(constraint.tools, _hf(tokenizer).get_added_vocab(), many_calls and len(constraint.tools) > 1)
+    return tool_call_grammar(constraint.tools, _hf(tokenizer).get_added_vocab(), constraint.many_calls)
 
 
 class GrammarProcessor:

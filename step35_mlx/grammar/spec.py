@@ -21,11 +21,13 @@ from ..tool_calls import tool_schemas
 class Constraint:
     """What the answer after ``</think>`` must be: JSON matching ``schema``, or calls of ``tools``.
 
-    ``tools``: ``{name: parameters schema}`` of the tools a forced call may use (in order).
+    ``tools``: ``{name: parameters schema}`` of the tools a forced call may use (in order);
+    ``many_calls``: one or more calls (``required`` / ``any``), else exactly one (a named tool).
     """
 
     schema: dict | None = None
     tools: dict[str, dict] = field(default_factory=dict)
+    many_calls: bool = False
 
     @property
     def kind(self) -> str:
@@ -33,14 +35,15 @@ class Constraint:
 
     def to_dict(self) -> dict:
         """JSON-safe form (what the server hands its worker, over the distributed job channel too)."""
-        return {"schema": self.schema, "tools": self.tools}
+        return {"schema": self.schema, "tools": self.tools, "many_calls": self.many_calls}
 
     @classmethod
     def coerce(cls, value: "Constraint | dict | None") -> "Constraint | None":
         """A :class:`Constraint` from itself, its ``to_dict`` form, or ``None``."""
         if value is None or isinstance(value, Constraint):
             return value
-        return cls(schema=value.get("schema"), tools=dict(value.get("tools") or {}))
+        return cls(schema=value.get("schema"), tools=dict(value.get("tools") or {}),
+                   many_calls=bool(value.get("many_calls")))
 
 
 def _json_constraint(response_format: Any) -> Constraint | None:
@@ -101,7 +104,7 @@ def constraint_for(response_format: Any = None, tools: list[dict] | None = None,
             if name not in schemas:
                 raise ValueError(f"tool_choice names an unknown tool {name!r}")
             schemas = {name: schemas[name]}
-        return Constraint(tools=schemas)
+        return Constraint(tools=schemas, many_calls=not name)
     return _json_constraint(response_format)
 
 
