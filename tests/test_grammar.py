@@ -223,3 +223,27 @@ def test_constraint_options_and_json_form():
     schema = constraint_for(PET_FORMAT, [WEATHER], {"type": "auto"})
     assert schema.schema == PET and not schema.tools
     assert Constraint.coerce(json.loads(json.dumps(forced.to_dict()))) == forced
+
+
+def test_tool_grammar_writes_string_choices_raw_and_other_values_as_json(demo):
+    model, tok = demo
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+        "u": {"enum": ["c", "f"]}, "k": {"const": "x"}, "n": {"enum": [1, 2]}, "o": {"type": "object"}},
+        "required": ["u", "k", "n"]}}}]
+    eos = frozenset(model.config.eos_token_id)
+
+    def accepts(text: str) -> bool:
+        proc = grammar_processor(constraint_for(None, tools, "required"), tok, vocab_size=model.config.vocab_size,
+                                 eos_ids=eos, start=0, reasoning=False)
+        return proc.sync(tok.encode(text, add_special_tokens=False)) and proc.matcher.is_accepting()
+
+    def call(u: str, k: str, n: str, o: str = "") -> str:
+        extra = f"<parameter=o>\n{o}\n</parameter>\n" if o else ""
+        return (f"<tool_call>\n<function=f>\n<parameter=u>\n{u}\n</parameter>\n<parameter=k>\n{k}\n</parameter>\n"
+                f"<parameter=n>\n{n}\n</parameter>\n{extra}</function>\n</tool_call>")
+
+    assert accepts(call("f", "x", "2")) and accepts(call("c", "x", "1", '{"a": 1}'))
+    assert not accepts(call('"f"', "x", "2"))  # string choices are raw, as the template renders them
+    assert not accepts(call("f", "y", "2")) and not accepts(call("f", "x", "3"))
+    assert not accepts(call("f", "x", "2", "[1]"))  # o must be an object
+    assert not accepts(call("f", "x", "2")[:-12])  # unfinished

@@ -81,8 +81,9 @@ def _param_value(schema: dict) -> str:
         n = schema.get("maxLength")
         count = f"{{{int(schema.get('minLength', 0))},{int(n)}}}" if isinstance(n, int) else "*"
         return f"[lazy]: /(.|\\n){count}\\n<\\/parameter>\\n/"
-    if schema.get("type") == "string" and isinstance(schema.get("enum", [schema.get("const")]), list):
-        values = " | ".join(json.dumps(str(v)) for v in schema.get("enum", [schema.get("const")]))
+    choices = schema["enum"] if "enum" in schema else [schema["const"]] if "const" in schema else None
+    if isinstance(choices, list) and choices and all(isinstance(v, str) for v in choices):
+        values = " | ".join(json.dumps(v) for v in choices)  # string choices are written raw
     else:
         values = _json_value(schema)
     return f': ({values}) "\\n</parameter>\\n"'
