@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 import mlx.core as mx
 
 from .distributed.sync import root_tokens
-from .grammar import Constraint, constraint_for
+from .grammar import Constraint, constraint_for, grammar_processor
 from .reasoning import THINK_CLOSE, THINK_OPEN, ReasoningSplitter
 from .sampling import SamplingParams, sample_token
 from .text import check_text
@@ -519,8 +519,6 @@ def run(
         reasoning = opens_reasoning(tokenizer, prompt_ids)
     masks = []
     if settings.constraint is not None:
-        from .grammar import grammar_processor
-
         masks.append(grammar_processor(settings.constraint, tokenizer, vocab_size=model.config.vocab_size,
                                        eos_ids=settings.eos_ids, start=len(prompt_ids) - cached,
                                        reasoning=reasoning))
@@ -656,7 +654,6 @@ def stream_generate(
     (``"required"``, ``"any"``, a named tool) constrain the answer after ``</think>`` by a grammar
     (:mod:`step35_mlx.grammar`, needs the extra ``grammar``).
     """
-
     settings = resolve_settings(
         model, tokenizer, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
         min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop,

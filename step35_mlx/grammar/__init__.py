@@ -5,17 +5,11 @@ tools one of which must be called); :mod:`.engine` compiles it for a tokenizer i
 logits processor that masks every token the grammar forbids, from the first token after
 ``</think>`` on. The processor reads its position from the token context it is given, so
 plain decoding and MTP speculative decoding (drafts and verify rows, rejected drafts rolled
-back) use it unchanged. Needs the optional dependency ``llguidance`` (extra ``grammar``).
+back) use it unchanged. Needs the optional dependency ``llguidance`` (extra ``grammar``), imported
+only when a constraint is compiled.
 """
 
+from .engine import GrammarProcessor, grammar_processor
 from .spec import Constraint, constraint_for
 
 __all__ = ["Constraint", "constraint_for", "GrammarProcessor", "grammar_processor"]
-
-
-def __getattr__(name: str):
-    if name in ("GrammarProcessor", "grammar_processor"):
-        from . import engine
-
-        return getattr(engine, name)
-    raise AttributeError(name)
