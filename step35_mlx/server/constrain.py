@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 from ..grammar import constraint_for
+from ..grammar.engine import INSTALL_HINT
 from .errors import APIError
 
 
@@ -21,11 +23,6 @@ def request_constraint(response_format: dict | None, tools: list[dict] | None, t
                        "response_format") from None
     if constraint is None:
         return None
-    try:
-        import llguidance  # noqa: F401
-    except ImportError:
-        from ..grammar.engine import INSTALL_HINT
-
-        raise APIError(400, INSTALL_HINT, param="response_format" if constraint.schema is not None
-                       else "tool_choice") from None
+    if importlib.util.find_spec("llguidance") is None:
+        raise APIError(400, INSTALL_HINT, param="response_format" if constraint.schema is not None else "tool_choice")
     return constraint.to_dict()
