@@ -80,7 +80,11 @@ def test_openai_required_tool_choice_forces_a_valid_call(server):
         if not choice.message.tool_calls and not choice.message.content:
             continue  # the reasoning did not close: no answer to mask
         assert choice.finish_reason == "tool_calls" and not (choice.message.content or "").strip()
-        for call in choice.message.tool_calls:
+        calls = choice.message.tool_calls
+        if r.usage.completion_tokens >= 200:  # one or more calls are allowed: max_tokens cut the last one
+            calls = calls[:-1]
+        assert calls
+        for call in calls:
             args = json.loads(call.function.arguments)
             assert call.function.name == "get_weather" and set(args) == {"city", "days"}
             assert isinstance(args["city"], str) and isinstance(args["days"], int)
