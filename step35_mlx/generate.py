@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 import mlx.core as mx
 
 from .distributed.sync import root_tokens
+from .grammar import Constraint, constraint_for, grammar_processor
 from .reasoning import THINK_CLOSE, THINK_OPEN, ReasoningSplitter
 from .sampling import SamplingParams, sample_token
 from .text import check_text
@@ -179,6 +180,7 @@ class Settings:
     default_max_tokens: int
     clamp_max_tokens: bool = False  # max_tokens past the context: stop at the context ("length"), not ValueError
     reasoning_budget: int | None = None  # close </think> after this many generated tokens (see thinking.py)
+    constraint: Constraint | None = None  # the answer's required shape (response_format, forced tools)
 
     def budget(self, prompt_tokens: int) -> int:
         """``max_tokens`` for a prompt of this length; ``ValueError`` when it does not fit the context."""
@@ -220,6 +222,7 @@ def resolve_settings(
     generation_config: dict | None = None,
     clamp_max_tokens: bool = False,
     reasoning_budget: int | None = None,
+    constraint: Constraint | dict | None = None,
 ) -> Settings:
     gc = model_generation_config(model, tokenizer) if generation_config is None else generation_config
 
@@ -272,6 +275,7 @@ def resolve_settings(
         default_max_tokens=int(gc.get("max_tokens") or FALLBACK_SETTINGS["max_tokens"]),
         clamp_max_tokens=bool(clamp_max_tokens),
         reasoning_budget=reasoning_budget,
+        constraint=Constraint.coerce(constraint),
     )
 
 
@@ -515,7 +519,7 @@ def run(
 
     ``reasoning``: whether the reply starts inside ``<think>`` (``None``: look at the
     prompt). ``tools``: parse tool calls out of the answer. Checks the context budget
-    before anything runs.
+    and compiles ``settings.constraint`` (the answer's grammar) before anything runs.
     """
     prompt_ids = list(prompt_ids)
     check_prompt_ids(prompt_ids, model.config.vocab_size)
@@ -525,10 +529,16 @@ def run(
     gen = token_generator(settings.mtp, settings.draft_depth)
     if reasoning is None:
         reasoning = opens_reasoning(tokenizer, prompt_ids)
-    return _run(model, tokenizer, cache, prompt_ids, cached, settings, budget, gen, reasoning, tools, on_prefilled)
+    masks = []
+    if settings.constraint is not None:
+        masks.append(grammar_processor(settings.constraint, tokenizer, vocab_size=model.config.vocab_size,
+                                       eos_ids=settings.eos_ids, start=len(prompt_ids) - cached,
+                                       reasoning=reasoning))
+    return _run(model, tokenizer, cache, prompt_ids, cached, settings, budget, gen, reasoning, tools, on_prefilled,
+                masks)
 
 
-def _run(model, tokenizer, cache, prompt_ids, cached, settings, budget, gen, reasoning, tools, on_prefilled):
+def _run(model, tokenizer, cache, prompt_ids, cached, settings, budget, gen, reasoning, tools, on_prefilled, masks):
     processors: list = []
     if settings.repetition_penalty is not None:
         from mlx_lm.sample_utils import make_logits_processors
@@ -539,6 +549,7 @@ def _run(model, tokenizer, cache, prompt_ids, cached, settings, budget, gen, rea
             processors.append(lambda toks, logits, p=proc: p(mx.concatenate([tail, toks]), logits))
     if reasoning and settings.reasoning_budget is not None:
         processors.append(budget_processor(tokenizer, settings.reasoning_budget, len(prompt_ids) - cached))
+    processors += masks
     key = mx.random.key(settings.seed) if settings.seed is not None else None
     detok = tokenizer.detokenizer
     splitter = ReasoningSplitter(in_reasoning=reasoning)
@@ -641,6 +652,8 @@ def stream_generate(
     prefix_cache: Any = None,
     reasoning_budget: int | None = None,
     clamp_max_tokens: bool = False,
+    response_format: dict | None = None,
+    tool_choice: str | dict | None = None,
 ) -> Iterator[GenerationChunk]:
     """Generate a reply, one :class:`GenerationChunk` per token.
 
@@ -661,12 +674,16 @@ def stream_generate(
     restores the longest cached prefix of the prompt and stores the prompt's and the reply's state.
     Message content parts ``{"type": "image", "image": SOURCE}`` (a path, bytes or ``PIL.Image``)
     feed a Step 3.7 model's vision tower.
+    ``response_format`` (``json_object`` / ``json_schema``) and a forcing ``tool_choice``
+    (``"required"``, ``"any"``, a named tool) constrain the answer after ``</think>`` by a grammar
+    (:mod:`step35_mlx.grammar`, needs the extra ``grammar``).
     """
     settings = resolve_settings(
         model, tokenizer, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
         min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop,
         prefill_step=prefill_step, max_context=max_context, mtp=mtp, draft_depth=draft_depth,
         generation_config=generation_config, reasoning_budget=reasoning_budget, clamp_max_tokens=clamp_max_tokens,
+        constraint=constraint_for(response_format, tools, tool_choice),
     )
     ids = encode_prompt(tokenizer, prompt_or_messages, tools)
     cache = new_cache(model, kv_bits, kv_group_size)

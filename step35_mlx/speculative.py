@@ -178,6 +178,7 @@ class MTPDrafter:
         logits = self._draft_logits(k, z)
         V = self.model.config.vocab_size
         if processors:
+            raw = logits
             if self.vocab is not None:
                 full = mx.full((V,), -math.inf, logits.dtype)
                 full[self.vocab] = logits
@@ -186,6 +187,9 @@ class MTPDrafter:
                 logits = proc(ctx, logits[None])[0]
             if self.vocab is not None:
                 logits = logits[self.vocab]
+            # A mask that leaves no draft token (a grammar allowing only ids outside the draft
+            # vocabulary) would make q NaN: draft unmasked then; the verify rows reject the draft.
+            logits = mx.where(mx.isfinite(logits).any(), logits, raw)
         if params.greedy:
             i = mx.argmax(logits)
             return (self.vocab[i] if self.vocab is not None else i).astype(mx.int32)[None], None

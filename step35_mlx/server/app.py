@@ -42,6 +42,7 @@ from ..generate import GenerationChunk, check_prompt_ids, encode_prompt
 from ..request_limits import DEFAULT_MAX_BODY_BYTES, RequestRejected, parse_json_body, read_body
 from ..vision.files import has_vision
 from ..vision.inputs import prepare as prepare_images
+from .constrain import request_constraint
 from .engine import ClientGone, Engine, drain, first_chunk
 from .errors import APIError, as_api_error, error_response, log, validation_error
 from .images import NO_VISION, ImagePolicy, ImageReader
@@ -154,7 +155,8 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str = "step-3.5-flash"
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         settings = dict(max_tokens=req.max_completion_tokens or req.max_tokens, temperature=req.temperature,
                         top_p=req.top_p, top_k=req.top_k, seed=req.seed, stop=stops or None, clamp_max_tokens=True,
-                        reasoning_budget=openai_reasoning_budget(req.reasoning_effort))
+                        reasoning_budget=openai_reasoning_budget(req.reasoning_effort),
+                        constraint=request_constraint(req.response_format, tools, req.tool_choice))
         run = engine.chat(messages, tools, settings)
         first = await first_chunk(run, request)
         rid, now = call_id("chatcmpl-"), int(time.time())
@@ -301,7 +303,8 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str = "step-3.5-flash"
         stops = list(req.stop_sequences or [])
         thinking = anthropic_request_thinking(req.thinking)
         settings = dict(max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-                        stop=stops or None, clamp_max_tokens=True, reasoning_budget=thinking.budget)
+                        stop=stops or None, clamp_max_tokens=True, reasoning_budget=thinking.budget,
+                        constraint=request_constraint(None, tools, req.tool_choice))
         run = engine.chat(msgs, tools, settings)
         first = await first_chunk(run, request)
         mid = call_id("msg_")

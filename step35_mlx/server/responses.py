@@ -27,6 +27,7 @@ from pydantic import Field, ValidationError
 
 from ..generate import GenerationChunk
 from ..reasoning import THINK_CLOSE
+from .constrain import request_constraint
 from .engine import Engine, drain, first_chunk
 from .errors import APIError, validation_error
 from .messages import openai_messages, select_tools
@@ -339,6 +340,16 @@ class _Building(Reply):
 # ---------------------------------------------------------------- the route
 
 
+def text_format(text: Any) -> dict | None:
+    """The Responses API's ``text.format`` as a chat ``response_format`` (``None`` for plain text)."""
+    fmt = text.get("format") if isinstance(text, dict) else None
+    if not isinstance(fmt, dict) or fmt.get("type") in (None, "text"):
+        return None
+    if fmt.get("type") == "json_schema":
+        return {"type": "json_schema", "json_schema": {k: fmt[k] for k in ("name", "schema", "strict") if k in fmt}}
+    return fmt
+
+
 def add_responses_routes(app: FastAPI, engine: Engine, *, parse: Callable, headers: Callable,
                          model_name: str, store_size: int = STORE_SIZE) -> ResponseStore:
     """Register ``POST /v1/responses`` on ``app``; returns the store of kept conversations."""
@@ -362,7 +373,9 @@ def add_responses_routes(app: FastAPI, engine: Engine, *, parse: Callable, heade
         effort = (req.reasoning or {}).get("effort") if isinstance(req.reasoning, dict) else None
         settings = dict(max_tokens=req.max_output_tokens, temperature=req.temperature, top_p=req.top_p,
                         top_k=req.top_k, seed=req.seed, clamp_max_tokens=True,
-                        reasoning_budget=openai_reasoning_budget(effort))
+                        reasoning_budget=openai_reasoning_budget(effort),
+                        constraint=request_constraint(text_format(getattr(req, "text", None)), tools,
+                                                      chat_tool_choice(req.tool_choice)))
         run = engine.chat(messages, tools, settings)
         first = await first_chunk(run, request)
         rid = call_id("resp_")

@@ -50,6 +50,7 @@ class OAIChatRequest(_OAIRequest):
     messages: list[OAIMessage] = Field(min_length=1)
     tools: Optional[list[dict]] = None
     tool_choice: Union[str, dict, None] = None
+    response_format: Optional[dict] = None
     max_tokens: Optional[int] = Field(None, ge=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     reasoning_effort: Optional[str] = None

@@ -1,0 +1,15 @@
+"""Constrained decoding: ``response_format`` and forced tool calls as token masks (llguidance).
+
+:mod:`.spec` turns the API options into a :class:`Constraint` (a JSON schema, or a set of
+tools one of which must be called); :mod:`.engine` compiles it for a tokenizer into a
+logits processor that masks every token the grammar forbids, from the first token after
+``</think>`` on. The processor reads its position from the token context it is given, so
+plain decoding and MTP speculative decoding (drafts and verify rows, rejected drafts rolled
+back) use it unchanged. Needs the optional dependency ``llguidance`` (extra ``grammar``), imported
+only when a constraint is compiled.
+"""
+
+from .engine import GrammarProcessor, grammar_processor
+from .spec import Constraint, constraint_for
+
+__all__ = ["Constraint", "constraint_for", "GrammarProcessor", "grammar_processor"]
