@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
-import threading
-import time
 from typing import Literal
 
 import pytest
@@ -18,6 +15,7 @@ pydantic = pytest.importorskip("pydantic")
 
 from step35_mlx.loader import load  # noqa: E402
 from step35_mlx.server import create_app  # noqa: E402
+from serverkit import live_server  # noqa: E402
 
 KEY = "test-key"
 ASK = [{"role": "user", "content": "Give me a pet as JSON"}]
@@ -37,20 +35,8 @@ class Pet(pydantic.BaseModel):
 def server():
     model, tok = load("demo")
     app = create_app(model, tok, model_name="step-demo", api_key=KEY, max_queue=8)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    t = threading.Thread(target=srv.run, daemon=True)
-    t.start()
-    deadline = time.time() + 30
-    while not srv.started:
-        assert time.time() < deadline, "server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    t.join(10)
-    app.state.engine.close()
+    with live_server(app) as url:
+        yield url
 
 
 def test_openai_parse_helper_gets_a_valid_object(server):

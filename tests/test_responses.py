@@ -5,10 +5,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import socket
-import threading
-import time
-from contextlib import contextmanager
 from pathlib import Path
 
 try:  # the openai client brings httpx2 (or httpx, in older releases)
@@ -24,6 +20,7 @@ uvicorn = pytest.importorskip("uvicorn")
 from step35_mlx.loader import load  # noqa: E402
 from step35_mlx.prefix_cache import PrefixCache  # noqa: E402
 from step35_mlx.server import create_app  # noqa: E402
+from serverkit import live_server  # noqa: E402
 from step35_mlx.server.errors import APIError  # noqa: E402
 from step35_mlx.server.responses import ResponseStore, input_messages  # noqa: E402
 
@@ -42,35 +39,11 @@ ANSWER = "Add them.\n</think>\nFour."
 CODEX = json.loads((Path(__file__).parent / "data" / "codex_responses.json").read_text(encoding="utf-8"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def _serve(app):
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    t = threading.Thread(target=srv.run, daemon=True)
-    t.start()
-    deadline = time.time() + 30
-    while not srv.started:
-        assert time.time() < deadline, "server did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        srv.should_exit = True
-        t.join(10)
-        app.state.engine.close()
-
-
 @pytest.fixture(scope="module")
 def server():
     model, tok = load("demo")
     app = create_app(model, tok, model_name="step-demo", api_key=KEY, max_queue=8)
-    with _serve(app) as url:
+    with live_server(app) as url:
         yield {"url": url, "app": app, "tok": tok, "model": model}
 
 
@@ -298,7 +271,7 @@ def test_cached_tokens_come_from_the_prefix_cache(server):
     """Two conversations alternate on a server with a prefix cache: each continuation reuses its own first turn."""
     model, tok = server["model"], server["tok"]
     app = create_app(model, tok, model_name="m", prefix_cache=PrefixCache(model, ram_bytes=10**7, block_size=16))
-    with _serve(app) as url:
+    with live_server(app) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
         kw = dict(model="m", instructions="Answer in one word.", max_output_tokens=4, temperature=0)
         first = [client.responses.create(input=f"Question {k}: name a fruit.", **kw) for k in range(2)]

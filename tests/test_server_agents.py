@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import socket
-import threading
-import time
 
 try:
     import httpx2 as httpx
@@ -22,6 +19,7 @@ uvicorn = pytest.importorskip("uvicorn")
 
 from step35_mlx.loader import load  # noqa: E402
 from step35_mlx.server import create_app  # noqa: E402
+from serverkit import live_server  # noqa: E402
 from step35_mlx.server.messages import anthropic_messages, openai_messages  # noqa: E402
 from step35_mlx.server.schemas import AnthRequest, OAIChatRequest  # noqa: E402
 from step35_mlx.thinking import EFFORT_BUDGETS  # noqa: E402
@@ -85,28 +83,13 @@ OPENCODE = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def server():
     model, tok = load("demo")
     app = create_app(model, tok, model_name="step-demo", api_key=KEY, max_context=CONTEXT)
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    t = threading.Thread(target=srv.run, daemon=True)
-    t.start()
-    deadline = time.time() + 30
-    while not srv.started:
-        assert time.time() < deadline, "server did not start"
-        time.sleep(0.05)
-    yield {"url": f"http://127.0.0.1:{port}", "app": app, "tok": tok, "model": model}
-    srv.should_exit = True
-    t.join(10)
-    app.state.engine.close()
+    with live_server(app) as url:
+        yield {"url": url, "app": app, "tok": tok, "model": model}
 
 
 @pytest.fixture

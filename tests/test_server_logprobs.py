@@ -4,9 +4,6 @@ log-softmax computed in-process in float64."""
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 
 try:
     import httpx2 as httpx
@@ -23,6 +20,7 @@ from step35_mlx import logprobs as logprobs_mod  # noqa: E402
 from step35_mlx.generate import encode_prompt, stream_generate  # noqa: E402
 from step35_mlx.loader import load  # noqa: E402
 from step35_mlx.server import create_app  # noqa: E402
+from serverkit import live_server  # noqa: E402
 
 KEY = "k"
 H = {"authorization": f"Bearer {KEY}"}
@@ -32,20 +30,8 @@ H = {"authorization": f"Bearer {KEY}"}
 def server():
     model, tok = load("demo")
     app = create_app(model, tok, model_name="step-demo", api_key=KEY, max_context=1024)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    t = threading.Thread(target=srv.run, daemon=True)
-    t.start()
-    deadline = time.time() + 30
-    while not srv.started:
-        assert time.time() < deadline, "server did not start"
-        time.sleep(0.05)
-    yield {"url": f"http://127.0.0.1:{port}", "tok": tok, "model": model}
-    srv.should_exit = True
-    t.join(10)
-    app.state.engine.close()
+    with live_server(app) as url:
+        yield {"url": url, "tok": tok, "model": model}
 
 
 @pytest.fixture
