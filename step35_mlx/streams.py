@@ -15,6 +15,7 @@ the device; not measured there): :func:`use_two_streams` turns it on for a model
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any
 
 import mlx.core as mx
@@ -22,8 +23,23 @@ import mlx.core as mx
 from .layers.moe import SORT_THRESHOLD
 
 
-def split_moe_ffn(layer: Any, x: mx.array, side: Any) -> mx.array:
-    """``layer.moe(x) + layer.share_expert(x)`` with half the experts and the shared expert on ``side``."""
+class SideStream:
+    """The second CPU stream, one per thread that runs the model: MLX streams belong to the thread that
+    made them, and ``serve`` generates on a worker thread, not the one that loaded the model."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def get(self) -> Any:
+        stream = getattr(self._local, "stream", None)
+        if stream is None:
+            stream = self._local.stream = mx.new_stream(mx.cpu)
+        return stream
+
+
+def split_moe_ffn(layer: Any, x: mx.array, side_stream: SideStream) -> mx.array:
+    """``layer.moe(x) + layer.share_expert(x)`` with half the experts and the shared expert on a side stream."""
+    side = side_stream.get()
     moe = layer.moe
     idx, w = moe.route_observed(x)
     if idx.size >= SORT_THRESHOLD or moe.top_k < 2:
@@ -61,7 +77,7 @@ def use_two_streams(model: Any, enable: bool = True) -> bool:
     Returns whether the split is on: only when the default device is the CPU.
     """
     on = enable and mx.default_device() == mx.cpu
-    side = mx.new_stream(mx.cpu) if on else None
+    side = SideStream() if on else None
     for layer in list(model.layers) + list(getattr(model.model, "mtp", [])):
         if getattr(layer, "is_moe", False):
             layer.side_stream = side

@@ -44,3 +44,19 @@ def test_two_streams_are_bit_identical_to_one():
     for a, b in zip(one, two):
         assert mx.array_equal(a, b).item()
     assert toks1 == toks2 == spec1 == spec2
+
+
+def test_two_streams_work_on_another_thread():
+    """`serve` loads the model on one thread and generates on a worker thread (MLX streams are per thread)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model, tok = load("demo")
+    if mx.default_device() != mx.cpu:
+        pytest.skip("two streams are a CPU-device feature")
+    prompt = mx.array(tok.encode("What is a tuple?", add_special_tokens=False), dtype=mx.int32)
+    one = _run(model, prompt)[1]
+    assert use_two_streams(model)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        two = pool.submit(lambda: _run(model, prompt)[1]).result()
+    use_two_streams(model, False)
+    assert one == two
