@@ -5,9 +5,8 @@ from __future__ import annotations
 import base64
 import http.server
 import io
-import socket
 import threading
-import time
+from contextlib import ExitStack
 
 import mlx.core as mx
 import pytest
@@ -18,6 +17,7 @@ uvicorn = pytest.importorskip("uvicorn")
 
 from step35_mlx.loader import load  # noqa: E402
 from step35_mlx.server import create_app  # noqa: E402
+from serverkit import live_server  # noqa: E402
 from step35_mlx.server.images import ImagePolicy  # noqa: E402
 from step35_mlx.vision.synthetic import (  # noqa: E402
     sample_image, step3p7_config, tiny_vision_config, write_step3p7_checkpoint, write_vision_tokenizer,
@@ -30,24 +30,6 @@ def _png(w: int, h: int, seed: int) -> bytes:
     buf = io.BytesIO()
     sample_image(w, h, seed=seed).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _serve(app):
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    t = threading.Thread(target=srv.run, daemon=True)
-    t.start()
-    deadline = time.time() + 30
-    while not srv.started:
-        assert time.time() < deadline, "server did not start"
-        time.sleep(0.05)
-    return srv, t, f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="module")
@@ -81,15 +63,11 @@ def servers(tmp_path_factory):
         "strict": create_app(model, tok),
         "text": create_app(demo, demo_tok),
     }
-    running = {k: _serve(a) for k, a in apps.items()}
-    yield {"urls": {k: v[2] for k, v in running.items()}, "path": path, "png": png, "tok": tok,
-           "files": f"http://127.0.0.1:{files.server_address[1]}"}
-    for srv, t, _ in running.values():
-        srv.should_exit = True
-        t.join(10)
-    files.shutdown()
-    for a in apps.values():
-        a.state.engine.close()
+    with ExitStack() as stack:
+        urls = {k: stack.enter_context(live_server(a)) for k, a in apps.items()}
+        yield {"urls": urls, "path": path, "png": png, "tok": tok,
+               "files": f"http://127.0.0.1:{files.server_address[1]}"}
+        files.shutdown()
 
 
 def _oa(servers, name):
