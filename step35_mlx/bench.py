@@ -3,7 +3,7 @@
 Like ``llama-bench`` / ``mlx_lm.benchmark``: for each depth D the cache first holds D
 context tokens (prefilled untimed), then a P-token prompt is timed to its first token
 (``pp``, tokens/s) and the next N tokens are timed (``tg``, tokens/s; greedy, eos not
-honoured), with each project's own generator: ours ``generate.ar_tokens`` (or MTP
+honoured), with each project's own generator: ours ``decode.ar_tokens`` (or MTP
 ``speculative_tokens``), mlx-lm ``generate_step``. Token ids are random (seeded), the same
 for both. Repetitions of all engines are interleaved. Peak memory is each engine's own
 weights plus MLX's peak over its run minus the memory in use before it. Medians and
@@ -174,7 +174,7 @@ def _weight_bytes(model: Any) -> int:
 def ours_engine(model: Any, settings: BenchSettings) -> Engine:
     """Our generators on ``model``: plain ``ar_tokens``, or MTP with ``settings.mtp`` drafts."""
     from .draft_vocab import default_draft_ids
-    from .generate import ar_tokens, prefill
+    from .decode import ar_tokens, prefill
     from .sampling import SamplingParams
     from .speculative import SpecStats, speculative_tokens
 

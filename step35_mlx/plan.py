@@ -932,7 +932,7 @@ MIN_CONTEXT = 4096  # the shortest context an automatic limit may pick before re
 
 
 def _kv_group(cfg: ModelConfig, kv_bits: int | None, kv_group_size: int | None) -> int:
-    """``generate.new_cache``'s rule: 64, or 32 when 64 does not divide every head dim."""
+    """``decode.new_cache``'s rule: 64, or 32 when 64 does not divide every head dim."""
     if kv_group_size is not None:
         return kv_group_size
     if kv_bits is None:
@@ -963,7 +963,7 @@ def preflight(path: str | Path, *, context: int | None = None, kv_bits: int | No
     cfg = folder.config
     machine = machine or machine_memory()
     cap = cfg.max_position_embeddings
-    # the same messages as generate.resolve_settings / new_cache, which would refuse these later
+    # the same messages as settings.resolve_settings / decode.new_cache, which would refuse these later
     if context is not None and context > cap:
         raise ValueError(f"max_context {context} is larger than the model's {cap} positions")
     if context is not None and context < 1:

@@ -14,7 +14,7 @@ from typing import Sequence
 import mlx.core as mx
 
 from .costs import RoutingRecorder, decode_cost, mtp_draft_bytes
-from .generate import ar_tokens
+from .decode import ar_tokens
 from .model import Model
 from .sampling import SamplingParams
 from .speculative import SpecStats, speculative_tokens

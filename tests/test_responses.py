@@ -25,6 +25,7 @@ from step35_mlx.server.errors import APIError  # noqa: E402
 from step35_mlx.server.responses import ResponseStore, input_messages  # noqa: E402
 
 generate_mod = importlib.import_module("step35_mlx.generate")
+from step35_mlx import chunks as chunks_mod, decode  # noqa: E402  (run looks token_generator up in chunks)
 
 KEY = "test-key"
 TOOL = {"type": "function", "name": "get_weather", "description": "Weather for a city", "strict": False,
@@ -61,15 +62,15 @@ def script(monkeypatch, server):
         ids = tok.encode(text, add_special_tokens=False) + [sorted(tok.eos_token_ids or [2])[0]]
 
         def scripted(model, cache, prompt, params, *, key, logits_processors, prefill_step, on_prefilled=None):
-            generate_mod.prefill(model, cache, prompt, prefill_step)
+            decode.prefill(model, cache, prompt, prefill_step)
             if on_prefilled is not None:
                 on_prefilled()
-            generate_mod.prefill(model, cache, mx.array(ids), prefill_step)
+            decode.prefill(model, cache, mx.array(ids), prefill_step)
             yield from ids[:3] if fail else ids
             if fail:
                 raise RuntimeError("the device went away")
 
-        monkeypatch.setattr(generate_mod, "token_generator", lambda *a, **k: scripted)
+        monkeypatch.setattr(chunks_mod, "token_generator", lambda *a, **k: scripted)
         return ids
 
     return use

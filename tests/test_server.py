@@ -23,6 +23,7 @@ from step35_mlx.server import create_app  # noqa: E402
 from serverkit import live_server  # noqa: E402
 
 generate_mod = importlib.import_module("step35_mlx.generate")  # the package exports a function `generate`
+from step35_mlx import chunks as chunks_mod, decode  # noqa: E402  (run looks token_generator up in chunks)
 
 KEY = "test-key"
 Q = [{"role": "user", "content": "What is 2+2?"}]
@@ -61,14 +62,14 @@ def recorded(monkeypatch, server):
     script = tok.encode(RECORDED, add_special_tokens=False) + [sorted(tok.eos_token_ids or [2])[0]]
 
     def scripted(model, cache, prompt, params, *, key, logits_processors, prefill_step, on_prefilled=None):
-        generate_mod.prefill(model, cache, prompt, prefill_step)
+        decode.prefill(model, cache, prompt, prefill_step)
         if on_prefilled is not None:
             on_prefilled()
         # the whole reply in one forward: the cache may run ahead of the yielded tokens (the contract allows it)
-        generate_mod.prefill(model, cache, mx.array(script), prefill_step)
+        decode.prefill(model, cache, mx.array(script), prefill_step)
         yield from script
 
-    monkeypatch.setattr(generate_mod, "token_generator", lambda *a, **k: scripted)
+    monkeypatch.setattr(chunks_mod, "token_generator", lambda *a, **k: scripted)
     return script
 
 
@@ -78,16 +79,16 @@ def endless(monkeypatch, server):
     tok = server["tok"].encode(" la", add_special_tokens=False)[-1]
 
     def forever(model, cache, prompt, params, *, key, logits_processors, prefill_step, on_prefilled=None):
-        generate_mod.prefill(model, cache, prompt, prefill_step)
+        decode.prefill(model, cache, prompt, prefill_step)
         if on_prefilled is not None:
             on_prefilled()
         while True:
-            generate_mod.last_logits(model, mx.array([[tok]]), cache)
-            generate_mod._eval_cache(cache)
+            decode.last_logits(model, mx.array([[tok]]), cache)
+            decode._eval_cache(cache)
             time.sleep(0.02)
             yield tok
 
-    monkeypatch.setattr(generate_mod, "token_generator", lambda *a, **k: forever)
+    monkeypatch.setattr(chunks_mod, "token_generator", lambda *a, **k: forever)
 
 
 def _prompt_len(server, messages, tools=None) -> int:
@@ -450,7 +451,7 @@ def test_deep_nesting_is_400_and_internal_errors_keep_their_text(server, monkeyp
     def broken(*a, **k):
         raise TypeError("key(): incompatible function arguments")
 
-    monkeypatch.setattr(generate_mod, "token_generator", lambda *a, **k: broken)
+    monkeypatch.setattr(chunks_mod, "token_generator", lambda *a, **k: broken)
     with pytest.raises(openai.BadRequestError) as e:
         oa.chat.completions.create(model="m", max_tokens=3, messages=[{"role": "user", "content": "hi"}])
     assert "incompatible" not in str(e.value.body) and "key()" not in str(e.value.body)

@@ -26,6 +26,7 @@ from step35_mlx.thinking import EFFORT_BUDGETS  # noqa: E402
 
 
 generate_mod = importlib.import_module("step35_mlx.generate")
+from step35_mlx import chunks as chunks_mod, decode  # noqa: E402  (run looks token_generator up in chunks)
 
 KEY = "k"
 CONTEXT = 768  # a small context, so clamped replies stay short (the Claude Code body is ~520 tokens)
@@ -107,13 +108,13 @@ def _script(monkeypatch, tok, text: str) -> None:
     ids = tok.encode(text, add_special_tokens=False) + [sorted(tok.eos_token_ids or [2])[0]]
 
     def scripted(model, cache, prompt, params, *, key, logits_processors, prefill_step, on_prefilled=None):
-        generate_mod.prefill(model, cache, prompt, prefill_step)
+        decode.prefill(model, cache, prompt, prefill_step)
         if on_prefilled is not None:
             on_prefilled()
-        generate_mod.prefill(model, cache, mx.array(ids), prefill_step)
+        decode.prefill(model, cache, mx.array(ids), prefill_step)
         yield from ids
 
-    monkeypatch.setattr(generate_mod, "token_generator", lambda *a, **k: scripted)
+    monkeypatch.setattr(chunks_mod, "token_generator", lambda *a, **k: scripted)
 
 
 @pytest.fixture
@@ -122,15 +123,15 @@ def endless(monkeypatch, server):
     tok = server["tok"].encode(" la", add_special_tokens=False)[-1]
 
     def forever(model, cache, prompt, params, *, key, logits_processors, prefill_step, on_prefilled=None):
-        generate_mod.prefill(model, cache, prompt, prefill_step)
+        decode.prefill(model, cache, prompt, prefill_step)
         if on_prefilled is not None:
             on_prefilled()
         while True:
-            generate_mod.last_logits(model, mx.array([[tok]]), cache)
-            generate_mod._eval_cache(cache)
+            decode.last_logits(model, mx.array([[tok]]), cache)
+            decode._eval_cache(cache)
             yield tok
 
-    monkeypatch.setattr(generate_mod, "token_generator", lambda *a, **k: forever)
+    monkeypatch.setattr(chunks_mod, "token_generator", lambda *a, **k: forever)
 
 
 def _events(r) -> list[dict]:

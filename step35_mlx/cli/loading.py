@@ -41,7 +41,7 @@ def load_for_cli(model: Optional[str], announce: Callable[[str], None], *, max_c
 
         return load_parallel_for_cli(model, announce, parallel, split, mtp=mtp is not False,
                                      max_context=max_context, kv_bits=kv_bits)
-    from ..generate import read_generation_config
+    from ..settings import read_generation_config
     from ..hub import DEMO_DIR, ModelNotFoundError, resolve_model
     from ..loader import CheckpointError, load
     from ..mlx_lm_format import read_folder
