@@ -41,11 +41,11 @@ def load_for_cli(model: Optional[str], announce: Callable[[str], None], *, max_c
 
         return load_parallel_for_cli(model, announce, parallel, split, mtp=mtp is not False,
                                      max_context=max_context, kv_bits=kv_bits)
-    from ..settings import read_generation_config
     from ..hub import DEMO_DIR, ModelNotFoundError, resolve_model
     from ..loader import CheckpointError, load
     from ..mlx_lm_format import read_folder
     from ..plan import InsufficientMemoryError, preflight
+    from ..settings import read_generation_config
     from ..streams import default_two_streams, use_two_streams
 
     try:
