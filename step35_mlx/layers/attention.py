@@ -20,7 +20,7 @@ from .rope import RoPE
 # and values once and running the fused kernel: quantized_sdpa materialises heads x rows x
 # keys scores (51 GB for a 512-token chunk at 256K context in Step 3.5 Flash, against 1 GiB
 # for one layer's dequantized K/V). Decode and MTP-verify rows keep the quantized matmuls.
-# step35_mlx.plan reads this constant.
+# step35_mlx.plan.activations reads this constant.
 DEQUANTIZE_PREFILL_ROWS = 16
 
 
