@@ -11,7 +11,6 @@ try:  # the openai client brings httpx2 (or httpx, in older releases)
     import httpx2 as httpx
 except ImportError:  # pragma: no cover
     import httpx
-import mlx.core as mx
 import pytest
 
 openai = pytest.importorskip("openai")
@@ -21,11 +20,11 @@ from step35_mlx.loader import load  # noqa: E402
 from step35_mlx.prefix_cache import PrefixCache  # noqa: E402
 from step35_mlx.server import create_app  # noqa: E402
 from serverkit import live_server  # noqa: E402
+import scripted  # noqa: E402
 from step35_mlx.server.errors import APIError  # noqa: E402
 from step35_mlx.server.responses import ResponseStore, input_messages  # noqa: E402
 
 generate_mod = importlib.import_module("step35_mlx.generate")
-from step35_mlx import chunks as chunks_mod, decode  # noqa: E402  (run looks token_generator up in chunks)
 
 KEY = "test-key"
 TOOL = {"type": "function", "name": "get_weather", "description": "Weather for a city", "strict": False,
@@ -56,21 +55,9 @@ def oa(server):
 @pytest.fixture
 def script(monkeypatch, server):
     """``script(text)``: the model 'generates' ``text`` then eos (run through the cache, so it stays exact)."""
-    tok = server["tok"]
-
     def use(text: str, fail: bool = False) -> list[int]:
-        ids = tok.encode(text, add_special_tokens=False) + [sorted(tok.eos_token_ids or [2])[0]]
-
-        def scripted(model, cache, prompt, params, *, key, logits_processors, prefill_step, on_prefilled=None):
-            decode.prefill(model, cache, prompt, prefill_step)
-            if on_prefilled is not None:
-                on_prefilled()
-            decode.prefill(model, cache, mx.array(ids), prefill_step)
-            yield from ids[:3] if fail else ids
-            if fail:
-                raise RuntimeError("the device went away")
-
-        monkeypatch.setattr(chunks_mod, "token_generator", lambda *a, **k: scripted)
+        ids = scripted.reply_ids(server["tok"], text)
+        scripted.use(monkeypatch, scripted.scripted(ids, fail_after=3 if fail else None))
         return ids
 
     return use

@@ -10,7 +10,6 @@ try:
     import httpx2 as httpx
 except ImportError:  # pragma: no cover
     import httpx
-import mlx.core as mx
 import pytest
 
 openai = pytest.importorskip("openai")
@@ -20,13 +19,13 @@ uvicorn = pytest.importorskip("uvicorn")
 from step35_mlx.loader import load  # noqa: E402
 from step35_mlx.server import create_app  # noqa: E402
 from serverkit import live_server  # noqa: E402
+import scripted  # noqa: E402
 from step35_mlx.server.messages import anthropic_messages, openai_messages  # noqa: E402
 from step35_mlx.server.schemas import AnthRequest, OAIChatRequest  # noqa: E402
 from step35_mlx.thinking import EFFORT_BUDGETS  # noqa: E402
 
 
 generate_mod = importlib.import_module("step35_mlx.generate")
-from step35_mlx import chunks as chunks_mod, decode  # noqa: E402  (run looks token_generator up in chunks)
 
 KEY = "k"
 CONTEXT = 768  # a small context, so clamped replies stay short (the Claude Code body is ~520 tokens)
@@ -105,33 +104,14 @@ def an(server):
 
 def _script(monkeypatch, tok, text: str) -> None:
     """The model 'generates' ``text`` then eos (fed through the cache, so the cache stays exact)."""
-    ids = tok.encode(text, add_special_tokens=False) + [sorted(tok.eos_token_ids or [2])[0]]
-
-    def scripted(model, cache, prompt, params, *, key, logits_processors, prefill_step, on_prefilled=None):
-        decode.prefill(model, cache, prompt, prefill_step)
-        if on_prefilled is not None:
-            on_prefilled()
-        decode.prefill(model, cache, mx.array(ids), prefill_step)
-        yield from ids
-
-    monkeypatch.setattr(chunks_mod, "token_generator", lambda *a, **k: scripted)
+    scripted.use(monkeypatch, scripted.scripted(scripted.reply_ids(tok, text)))
 
 
 @pytest.fixture
 def endless(monkeypatch, server):
     """A model that never stops by itself: only the context ends its reply."""
     tok = server["tok"].encode(" la", add_special_tokens=False)[-1]
-
-    def forever(model, cache, prompt, params, *, key, logits_processors, prefill_step, on_prefilled=None):
-        decode.prefill(model, cache, prompt, prefill_step)
-        if on_prefilled is not None:
-            on_prefilled()
-        while True:
-            decode.last_logits(model, mx.array([[tok]]), cache)
-            decode._eval_cache(cache)
-            yield tok
-
-    monkeypatch.setattr(chunks_mod, "token_generator", lambda *a, **k: forever)
+    scripted.use(monkeypatch, scripted.endless(tok))
 
 
 def _events(r) -> list[dict]:
