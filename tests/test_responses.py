@@ -16,10 +16,9 @@ import pytest
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
-from step35_mlx.loader import load  # noqa: E402
 from step35_mlx.prefix_cache import PrefixCache  # noqa: E402
 from step35_mlx.server import create_app  # noqa: E402
-from serverkit import live_server  # noqa: E402
+from serverkit import demo_server, live_server, openai_client  # noqa: E402
 import scripted  # noqa: E402
 from step35_mlx.server.errors import APIError  # noqa: E402
 from step35_mlx.server.responses import ResponseStore, input_messages  # noqa: E402
@@ -41,15 +40,13 @@ CODEX = json.loads((Path(__file__).parent / "data" / "codex_responses.json").rea
 
 @pytest.fixture(scope="module")
 def server():
-    model, tok = load("demo")
-    app = create_app(model, tok, model_name="step-demo", api_key=KEY, max_queue=8)
-    with live_server(app) as url:
-        yield {"url": url, "app": app, "tok": tok, "model": model}
+    with demo_server(KEY, max_queue=8) as s:
+        yield s
 
 
 @pytest.fixture
 def oa(server):
-    return openai.OpenAI(base_url=server["url"] + "/v1", api_key=KEY, max_retries=0, timeout=60)
+    return openai_client(server["url"], KEY)
 
 
 @pytest.fixture
@@ -260,7 +257,7 @@ def test_cached_tokens_come_from_the_prefix_cache(server):
     model, tok = server["model"], server["tok"]
     app = create_app(model, tok, model_name="m", prefix_cache=PrefixCache(model, ram_bytes=10**7, block_size=16))
     with live_server(app) as url:
-        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
+        client = openai_client(url, "none")
         kw = dict(model="m", instructions="Answer in one word.", max_output_tokens=4, temperature=0)
         first = [client.responses.create(input=f"Question {k}: name a fruit.", **kw) for k in range(2)]
         # the session now holds conversation 1; conversation 0's first turn comes from the prefix cache

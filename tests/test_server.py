@@ -17,9 +17,7 @@ openai = pytest.importorskip("openai")
 anthropic = pytest.importorskip("anthropic")
 uvicorn = pytest.importorskip("uvicorn")
 
-from step35_mlx.loader import load  # noqa: E402
-from step35_mlx.server import create_app  # noqa: E402
-from serverkit import live_server  # noqa: E402
+from serverkit import anthropic_client, demo_server, openai_client  # noqa: E402
 import scripted  # noqa: E402
 
 generate_mod = importlib.import_module("step35_mlx.generate")  # the package exports a function `generate`
@@ -38,20 +36,18 @@ RECORDED = ("Use the tool.\n</think>\n"
 
 @pytest.fixture(scope="module")
 def server():
-    model, tok = load("demo")
-    app = create_app(model, tok, model_name="step-demo", api_key=KEY, max_queue=8)
-    with live_server(app) as url:
-        yield {"url": url, "app": app, "tok": tok, "model": model}
+    with demo_server(KEY, max_queue=8) as s:
+        yield s
 
 
 @pytest.fixture
 def oa(server):
-    return openai.OpenAI(base_url=server["url"] + "/v1", api_key=KEY, max_retries=0, timeout=60)
+    return openai_client(server["url"], KEY)
 
 
 @pytest.fixture
 def an(server):
-    return anthropic.Anthropic(base_url=server["url"], api_key=KEY, max_retries=0, timeout=60)
+    return anthropic_client(server["url"], KEY)
 
 
 @pytest.fixture

@@ -18,9 +18,7 @@ uvicorn = pytest.importorskip("uvicorn")
 
 from step35_mlx import logprobs as logprobs_mod  # noqa: E402
 from step35_mlx.generate import encode_prompt, stream_generate  # noqa: E402
-from step35_mlx.loader import load  # noqa: E402
-from step35_mlx.server import create_app  # noqa: E402
-from serverkit import live_server  # noqa: E402
+from serverkit import demo_server, openai_client  # noqa: E402
 
 KEY = "k"
 H = {"authorization": f"Bearer {KEY}"}
@@ -28,15 +26,13 @@ H = {"authorization": f"Bearer {KEY}"}
 
 @pytest.fixture(scope="module")
 def server():
-    model, tok = load("demo")
-    app = create_app(model, tok, model_name="step-demo", api_key=KEY, max_context=1024)
-    with live_server(app) as url:
-        yield {"url": url, "tok": tok, "model": model}
+    with demo_server(KEY, max_context=1024) as s:
+        yield s
 
 
 @pytest.fixture
 def oa(server):
-    return openai.OpenAI(base_url=server["url"] + "/v1", api_key=KEY, max_retries=0, timeout=60)
+    return openai_client(server["url"], KEY)
 
 
 def _reference(model, ids) -> np.ndarray:
