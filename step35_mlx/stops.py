@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .reasoning import partial_suffix
 from .thinking import AnswerStart
 
 
@@ -39,15 +40,4 @@ class StopStrings:
             return StopCut(min(hits), True)
         if final:
             return StopCut(len(text), False)
-        return StopCut(max(emitted, len(text) - _held(text[answer_at:], self.stops)), False)
-
-
-def _held(text: str, stops: list[str]) -> int:
-    """Length of the longest end of ``text`` that begins some stop string (and may complete it later)."""
-    best = 0
-    for s in stops:
-        for k in range(min(len(text), len(s) - 1), best, -1):
-            if text.endswith(s[:k]):
-                best = k
-                break
-    return best
+        return StopCut(max(emitted, len(text) - partial_suffix(text[answer_at:], self.stops)), False)

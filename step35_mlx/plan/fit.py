@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .machine import OS_RESERVE, MachineMemory, machine_memory
-from .memory_plan import MemoryPlan, max_context
+from .memory_plan import MemoryPlan, largest_fitting, max_context
 from .units import GB, GiB, MiB
 
 
@@ -122,15 +122,8 @@ def fit_options(plan: MemoryPlan, machine: MachineMemory) -> list[FitOption]:
             opts.append(FitOption("--no-mtp", f"--no-mtp (frees {_fmt_gb(plan.total - p.total)})",
                                   {"mtp": False}, p.total))
     if plan.prefill_step > 1 and plan.activations > 0.05 * plan.total:
-        lo, hi = 0, plan.prefill_step  # largest step in [1, prefill_step) that fits
-        if plan.replan(prefill_step=1).total <= limit:
-            lo = 1
-            while hi - lo > 1:
-                mid = (lo + hi) // 2
-                if plan.replan(prefill_step=mid).total <= limit:
-                    lo = mid
-                else:
-                    hi = mid
+        if plan.replan(prefill_step=1).total <= limit:  # the largest step in [1, prefill_step) that fits
+            lo = largest_fitting(1, plan.prefill_step, lambda n: plan.replan(prefill_step=n).total <= limit)
             opts.append(FitOption(f"--prefill-step {lo}", f"--prefill-step {lo} (smaller prefill chunks; "
                                   f"activations {_fmt_gb(plan.activations)} -> "
                                   f"{_fmt_gb(plan.replan(prefill_step=lo).activations)})",

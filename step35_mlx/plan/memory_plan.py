@@ -58,7 +58,7 @@ Parts of a plan (bytes; ``GB`` below = 1e9 bytes):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from ..config import ModelConfig
 from .activations import activation_bytes, with_image_encoding
@@ -224,10 +224,15 @@ def max_context(plan: MemoryPlan, limit: int) -> int:
         return cap
     if plan.replan(context=1).total > limit:
         return 0
-    lo, hi = 1, cap  # need(lo) fits, need(hi) does not
+    return largest_fitting(1, cap, lambda n: plan.replan(context=n).total <= limit)
+
+
+def largest_fitting(lo: int, hi: int, fits: Callable[[int], bool]) -> int:
+    """The largest ``n`` in ``[lo, hi)`` with ``fits(n)``, by bisection: ``fits(lo)`` holds and ``fits``
+    turns false once past its boundary (the need of a plan never decreases with the setting)."""
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if plan.replan(context=mid).total <= limit:
+        if fits(mid):
             lo = mid
         else:
             hi = mid
