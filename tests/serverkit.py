@@ -3,7 +3,6 @@ the demo model served that way, and SDK clients for it."""
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from contextlib import contextmanager
@@ -11,11 +10,7 @@ from typing import Any, Iterator
 
 import uvicorn
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from clirun import free_port
 
 
 @contextmanager

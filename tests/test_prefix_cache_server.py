@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import json
-import time
-import urllib.error
 import urllib.request
 
 import pytest
 
 from chatkit import chat_model, chat_model_dir
-from clirun import one_error_line, run_cli, start_cli
+from clirun import Serving, one_error_line, run_cli, start_serve
 from step35_mlx.prefix_cache import PrefixCache
 from step35_mlx.session import ChatSession
 
 pytest.importorskip("uvicorn")
 
-from serverkit import free_port, live_server  # noqa: E402  (needs uvicorn)
+from serverkit import live_server  # noqa: E402  (needs uvicorn)
 
 SYSTEM = "You are helpful. The weather in Paris is sunny today, 21 degrees."
 
@@ -27,33 +25,15 @@ def _post(base: str, path: str, body: dict) -> tuple[dict, dict]:
         return json.loads(resp.read()), dict(resp.headers)
 
 
-class Server:
-    def __init__(self, home, cache_dir, *extra: str) -> None:
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.proc = start_cli(["serve", "--model", str(chat_model_dir()), "--port", str(self.port),
-                               "--cache-ram", "200KB", "--cache-disk", "20MB", "--cache-dir", str(cache_dir),
-                               *extra], home)
-        deadline = time.monotonic() + 90
-        while True:
-            assert self.proc.poll() is None, self.proc.stdout.read()
-            try:
-                with urllib.request.urlopen(self.base + "/health", timeout=2) as resp:
-                    self.health = json.loads(resp.read())
-                return
-            except (urllib.error.URLError, ConnectionError):
-                assert time.monotonic() < deadline, "serve did not answer /health within 90 s"
-                time.sleep(0.2)
-
-    def stop(self) -> str:
-        self.proc.terminate()
-        return self.proc.communicate(timeout=30)[0]
+def serve_with_disk_cache(home, cache_dir) -> Serving:
+    return start_serve(["--model", str(chat_model_dir()), "--cache-ram", "200KB", "--cache-disk", "20MB",
+                        "--cache-dir", str(cache_dir)], home)
 
 
 def test_restarted_server_serves_the_next_turn_from_disk(tmp_path):
     home, cache_dir = tmp_path / "home", tmp_path / "kv"
     first = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "What is a list in Python?"}]
-    srv = Server(home, cache_dir)
+    srv = serve_with_disk_cache(home, cache_dir)
     try:
         body, headers = _post(srv.base, "/v1/chat/completions",
                               {"model": "m", "messages": first, "max_tokens": 12, "temperature": 0})
@@ -67,7 +47,7 @@ def test_restarted_server_serves_the_next_turn_from_disk(tmp_path):
 
     history = first + [{"role": "assistant", "content": reply["content"]},
                        {"role": "user", "content": "And a tuple?"}]
-    srv = Server(home, cache_dir)
+    srv = serve_with_disk_cache(home, cache_dir)
     try:
         assert srv.health["prefix_cache"]["disk_entries"] >= 2 and srv.health["prefix_cache"]["ram_entries"] == 0
         anth, headers = _post(srv.base, "/v1/messages", {"model": "m", "system": SYSTEM, "messages": history[1:],
