@@ -8,8 +8,8 @@ the main stream runs the first half; the expert outputs are concatenated back in
 routed order and summed exactly as in the one-stream path, so results are bit-identical.
 Prefill-sized steps (expert-sorted) only move the shared expert.
 
-Off by default and never switched on for the GPU (one Metal/CUDA stream already fills
-the device; not measured there): :func:`use_two_streams` turns it on for a model.
+Never switched on for the GPU (one Metal/CUDA stream already fills the device; not measured
+there): :func:`use_two_streams` turns it on for a model, :func:`choose_streams` is the CLI's rule.
 """
 
 from __future__ import annotations
@@ -55,20 +55,32 @@ def split_moe_ffn(layer: Any, x: mx.array, side_stream: SideStream) -> mx.array:
     return moe.combine(y, w, x.dtype) + shared
 
 
-def default_two_streams() -> bool:
-    """Whether two streams can help here: the CPU device, and more than one of this process's cores free.
+def usable_cores() -> int:
+    """CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
-    Free = usable cores minus the 1-minute load average. On a busy machine the second stream
-    finds no idle core and only adds synchronisation (measured: decode per CPU-second 0.9x).
+
+def choose_streams(requested: int | None, tuned: int | None = None) -> int:
+    """How many CPU streams decode uses: ``requested`` (``--streams``), else what ``tune`` measured
+    faster for this model (``tuned``), else 2 on the CPU device with two or more cores, else 1.
+
+    Always 1 off the CPU device (one Metal/CUDA stream already fills the GPU; not measured there).
+    The default does not look at the machine's load: a busy machine is what ``tune`` and
+    ``--streams 1`` are for (measured here: with the second core busy, two streams decode 0.9x
+    per CPU-second).
     """
-    if mx.default_device() != mx.cpu:
-        return False
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        load = os.getloadavg()[0]
-    except (OSError, AttributeError):
-        load = 0.0
-    return cores >= 2 and cores - load > 1
+    on_cpu = mx.default_device() == mx.cpu
+    if requested is not None:
+        if requested not in (1, 2):
+            raise ValueError(f"--streams must be 1 or 2, not {requested}")
+        if requested == 2 and not on_cpu:
+            raise ValueError("--streams 2 is for the CPU device (one GPU stream already fills the GPU)")
+        return requested
+    if not on_cpu:
+        return 1
+    if tuned in (1, 2):
+        return tuned
+    return 2 if usable_cores() >= 2 else 1
 
 
 def use_two_streams(model: Any, enable: bool = True) -> bool:
