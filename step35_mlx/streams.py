@@ -19,7 +19,9 @@ import threading
 from typing import Any
 
 import mlx.core as mx
+import mlx.nn as nn
 
+from .layers.mlp import clamped_swiglu
 from .layers.moe import SORT_THRESHOLD
 
 
@@ -55,6 +57,34 @@ def split_moe_ffn(layer: Any, x: mx.array, side_stream: SideStream) -> mx.array:
     return moe.combine(y, w, x.dtype) + shared
 
 
+def split_dense_ffn(mlp: nn.Module, x: mx.array, side_stream: SideStream) -> mx.array:
+    """A dense layer's ``mlp(x)``: the up projection beside the gate projection, then half the down projection's rows on the side stream."""
+    with mx.stream(side_stream.get()):
+        up = mlp.up_proj(x)
+    return split_linear(mlp.down_proj, clamped_swiglu(mlp.gate_proj(x), up, mlp.limit), side_stream)
+
+
+def split_linear(linear: nn.Module, x: mx.array, side_stream: SideStream) -> mx.array:
+    """``linear(x)`` with the second half of its output features computed on the side stream.
+
+    Only for affine-quantized layers, whose kernel computes every output feature as the same
+    dot product whatever rows it is given, so the result is bit-identical (tested); any other
+    layer runs whole on the current stream.
+    """
+    if not isinstance(linear, nn.QuantizedLinear) or linear.mode != "affine" or "bias" in linear:
+        return linear(x)
+    w, scales, biases = linear["weight"], linear["scales"], linear["biases"]
+    half = w.shape[0] // 2
+
+    def rows(part: slice) -> mx.array:
+        return mx.quantized_matmul(x, w[part], scales=scales[part], biases=biases[part], transpose=True,
+                                   group_size=linear.group_size, bits=linear.bits)
+
+    with mx.stream(side_stream.get()):
+        upper = rows(slice(half, None))
+    return mx.concatenate([rows(slice(0, half)), upper], axis=-1)
+
+
 def usable_cores() -> int:
     """CPU cores this process may run on."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -84,13 +114,17 @@ def choose_streams(requested: int | None, tuned: int | None = None) -> int:
 
 
 def use_two_streams(model: Any, enable: bool = True) -> bool:
-    """Split each MoE layer's decode work over two CPU streams (``enable=False`` restores one).
+    """Split each step's work over two CPU streams (``enable=False`` restores one).
 
-    Returns whether the split is on: only when the default device is the CPU.
+    What runs on the side stream: K, V and the gate of every attention layer, the up projection
+    and half the down projection's rows of a dense layer, half the routed experts and the shared
+    expert of a MoE layer, half the LM head's rows. Returns whether the split is on: only when the
+    default device is the CPU.
     """
     on = enable and mx.default_device() == mx.cpu
     side = SideStream() if on else None
     for layer in list(model.layers) + list(getattr(model.model, "mtp", [])):
-        if getattr(layer, "is_moe", False):
-            layer.side_stream = side
+        layer.side_stream = side
+        layer.self_attn.side_stream = side
+    model.head_side_stream = side
     return on
