@@ -12,6 +12,9 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 from pathlib import Path
 from step35_mlx.bench_checkpoint import BenchShape, bench_config, write_checkpoint
 write_checkpoint(Path('$WORK'), bench_config(BenchShape()), 0)"
+for f in tokenizer.json tokenizer_config.json special_tokens_map.json; do  # bench's prompts are random ids
+  cp -n step35_mlx/demo/model/$f "$WORK/"
+done
 PIN=taskset
 taskset -c 0 true 2>/dev/null || { echo "taskset does not work here: runs are not pinned"; PIN=; }
 run() {  # cores streams name
