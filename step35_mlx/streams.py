@@ -38,23 +38,33 @@ class SideStream:
             stream = self._local.stream = mx.new_stream(mx.cpu)
         return stream
 
+    def linear(self, linear: nn.Module, x: mx.array) -> mx.array:
+        """``linear(x)`` with half its output features on this stream (:func:`split_linear`); lets the
+        layers split their projections without importing this module."""
+        return split_linear(linear, x, self)
+
 
 def split_moe_ffn(layer: Any, x: mx.array, side_stream: SideStream) -> mx.array:
-    """``layer.moe(x) + layer.share_expert(x)`` with half the experts and the shared expert on a side stream."""
+    """``layer.moe(x) + layer.share_expert(x)`` over two streams.
+
+    Decode and verify rows: the side stream runs the shared expert's gate and up projections, then
+    the second half of the selected experts; the main stream the router, the first half and the
+    shared expert's down projection (about equal work). Prefill-sized steps (expert-sorted) only
+    move the shared expert.
+    """
     side = side_stream.get()
-    moe = layer.moe
+    moe, share = layer.moe, layer.share_expert
     idx, w = moe.route_observed(x)
     if idx.size >= SORT_THRESHOLD or moe.top_k < 2:
         with mx.stream(side):
-            shared = layer.share_expert(x)
-        y = moe.experts(x, idx)
-    else:
-        h = moe.top_k // 2
-        with mx.stream(side):
-            shared = layer.share_expert(x)
-            y_side = moe.experts(x, idx[..., h:])
-        y = mx.concatenate([moe.experts(x, idx[..., :h]), y_side], axis=-2)
-    return moe.combine(y, w, x.dtype) + shared
+            shared = share(x)
+        return moe.combine(moe.experts(x, idx), w, x.dtype) + shared
+    h = moe.top_k // 2
+    with mx.stream(side):
+        act = clamped_swiglu(share.gate_proj(x), share.up_proj(x), share.limit)
+        y_side = moe.experts(x, idx[..., h:])
+    y = mx.concatenate([moe.experts(x, idx[..., :h]), y_side], axis=-2)
+    return moe.combine(y, w, x.dtype) + share.down_proj(act)
 
 
 def split_dense_ffn(mlp: nn.Module, x: mx.array, side_stream: SideStream) -> mx.array:

@@ -44,7 +44,7 @@ def quantized_sdpa(q: mx.array, k: tuple, v: tuple, scale: float, mask: Mask, gr
 
 
 class Attention(nn.Module):
-    side_stream = None  # a second CPU stream for K, V and the gate (see ``streams.use_two_streams``)
+    side_stream = None  # streams.SideStream: K, V, the gate and half of Q and O beside the rest
 
     def __init__(self, hidden_size: int, spec: LayerSpec, eps: float, gated: bool = True):
         super().__init__()
@@ -75,8 +75,8 @@ class Attention(nn.Module):
             k = self.rope(k, offset=offset)
             v = self.v_proj(x).reshape(B, T, self.num_kv_heads, -1).transpose(0, 2, 1, 3)
             gate = mx.sigmoid(self.g_proj(x))[..., None] if self.gated else None
-        q = self.q_norm(self.q_proj(x).reshape(B, T, self.num_heads, -1)).transpose(0, 2, 1, 3)
-        q = self.rope(q, offset=offset)
+        q = self.q_proj(x) if self.side_stream is None else self.side_stream.linear(self.q_proj, x)
+        q = self.rope(self.q_norm(q.reshape(B, T, self.num_heads, -1)).transpose(0, 2, 1, 3), offset=offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         if isinstance(k, tuple) and T > DEQUANTIZE_PREFILL_ROWS:
@@ -90,4 +90,5 @@ class Attention(nn.Module):
         out = out.transpose(0, 2, 1, 3)
         if gate is not None:
             out = out * gate
-        return self.o_proj(out.reshape(B, T, -1))
+        out = out.reshape(B, T, -1)
+        return self.o_proj(out) if self.side_stream is None else self.side_stream.linear(self.o_proj, out)
