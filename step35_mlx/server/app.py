@@ -50,7 +50,7 @@ from .messages import anthropic_messages, anthropic_tools, openai_messages, sele
 from .reply import Reply, anthropic_usage, call_id, collect, sse
 from .responses import add_responses_routes
 from .schemas import AnthCountRequest, AnthRequest, OAIChatRequest, OAICompletionRequest
-from .logprobs import chat_logprobs, completion_logprobs, prompt_list, reply_ids
+from .logprobs import chat_logprobs, completion_logprobs, implicit_bos, prompt_list, reply_ids
 from .thinking import anthropic_request_thinking, openai_reasoning_budget
 
 
@@ -286,9 +286,9 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str = "step-3.5-flash"
             shown = prompt_text if req.echo else ""
             logprobs = None
             if req.logprobs is not None:
-                scored = await engine.score(ids + gen, req.logprobs, 1 if req.echo else len(ids))
-                logprobs = completion_logprobs(tokenizer, scored, 0 if req.echo else len(ids),
-                                               0 if req.echo else len(prompt_text))
+                since = implicit_bos(tokenizer, p, ids) if req.echo else len(ids)  # first token shown
+                scored = await engine.score(ids + gen, req.logprobs, max(1, since))
+                logprobs = completion_logprobs(tokenizer, scored, since, 0 if req.echo else len(prompt_text))
             choices.append({"index": index, "text": shown + text, "finish_reason": finish, "logprobs": logprobs})
         return {"id": rid, "object": "text_completion", "created": now, "model": model_name, "choices": choices,
                 "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_gen, "total_tokens": n_prompt + n_gen}}
