@@ -7,7 +7,9 @@
    ``--log_samples``; once per request mode:
    - ``tokens``: lm-eval's default, it tokenizes with the model folder's tokenizer and sends token
      ids (no bos: the tokenizer adds none);
-   - ``text``: ``tokenized_requests=False``, it sends text and the server tokenizes it, bos first.
+   - ``text``: ``tokenized_requests=False``, it sends text and the server tokenizes it, bos first;
+   - ``remote``: text as above, and no tokenizer argument: lm-eval's default backend finds the
+     server's ``/tokenizer_info`` + ``/tokenize`` and counts tokens with them.
 3. Recomputes every logged loglikelihood in-process: lm-eval's context/continuation split
    redone with our loader's tokenizer, one uncached forward over the whole sequence, float64
    log-softmax in NumPy; prints max |diff|, the is_greedy agreement and the accuracy (lm-eval's
@@ -18,7 +20,7 @@ Exits 1 when a diff exceeds ``--tol`` (1e-4) or an is_greedy flag disagrees.
 model arguments and only this task indexed (the CLI indexes every built-in task first, ~10 s):
 what ``tests/test_lm_eval.py`` runs.
 
-    python benchmarks/lm_eval_server.py                    # both modes, --limit 10; ~1 min on 2 CPU cores
+    python benchmarks/lm_eval_server.py                    # all three modes, --limit 10; ~1.5 min on 2 CPU cores
     python benchmarks/lm_eval_server.py --mode text --runner api --json out.json
 """
 
@@ -51,7 +53,7 @@ from step35_mlx.hub import resolve_model  # noqa: E402
 
 TASK_DIR = REPO / "benchmarks" / "lm_eval_task"
 TASK = "step35_pydocs_mc"
-MODES = ("tokens", "text")
+MODES = ("tokens", "text", "remote")
 
 
 @dataclass
@@ -133,9 +135,10 @@ def served_model_name(port: int) -> str:
 
 
 def model_args(name: str, port: int, tokenizer_dir: Path, mode: str) -> str:
-    args = [f"model={name}", f"base_url=http://127.0.0.1:{port}/v1/completions", "tokenizer_backend=huggingface",
-            f"tokenizer={tokenizer_dir}"]
-    if mode == "text":
+    args = [f"model={name}", f"base_url=http://127.0.0.1:{port}/v1/completions"]
+    if mode != "remote":
+        args += ["tokenizer_backend=huggingface", f"tokenizer={tokenizer_dir}"]
+    if mode != "tokens":
         args.append("tokenized_requests=False")
     return ",".join(args)
 
@@ -198,16 +201,21 @@ def request_args(sample: dict) -> list[tuple[str, str]]:
     return [(a["arg_0"], a["arg_1"]) for a in args.values()] if isinstance(args, dict) else [tuple(a) for a in args]
 
 
-def check(samples: list[dict], model: Any, tokenizer: Any, mode: str) -> Agreement:
-    """Every logged request recomputed; the accuracy is what our own log-likelihoods pick."""
+def check(samples: list[dict], model: Any, tokenizer: Any, mode: str,
+          memo: dict[tuple[int, ...], tuple[float, bool]]) -> Agreement:
+    """Every logged request recomputed (``memo``: reference values by sequence, shared across modes);
+    the accuracy is what our own log-likelihoods pick."""
     n = agree = correct = 0
     worst = 0.0
     for s in samples:
         ours = []
         for i, (context, continuation) in enumerate(request_args(s)):
             got, got_greedy = float(s["resps"][i][0][0]), str(s["resps"][i][0][1]) == "True"  # JSONL: strings
-            ref, greedy = reference_loglikelihood(model, *encode_pair(tokenizer, context, continuation,
-                                                                      bos=mode == "text"))
+            ctx, cont = encode_pair(tokenizer, context, continuation, bos=mode != "tokens")
+            key = (len(ctx), *ctx, *cont)
+            if key not in memo:
+                memo[key] = reference_loglikelihood(model, ctx, cont)
+            ref, greedy = memo[key]
             worst = max(worst, abs(got - ref))
             agree += got_greedy == greedy
             n += 1
@@ -220,7 +228,7 @@ def run_modes(a: argparse.Namespace) -> list[ModeResult]:
     """Serve the model, run lm-eval once per mode against it, check each run."""
     folder = resolve_model(a.model, allow_download=False)
     port = free_port()
-    rows = []
+    rows, memo = [], {}
     with tempfile.TemporaryDirectory(prefix="lm_eval_server_") as tmp:
         log = Path(tmp) / "serve.log"
         server = start_server(a.model, port, log)
@@ -228,14 +236,14 @@ def run_modes(a: argparse.Namespace) -> list[ModeResult]:
             model, tokenizer = load(folder)  # while the server starts
             wait_ready(server, port, log)
             name = served_model_name(port)
-            for mode in MODES if a.mode == "both" else (a.mode,):
+            for mode in MODES if a.mode == "all" else (a.mode,):
                 args = model_args(name, port, folder, mode)
                 cmd = lm_eval_command(args, a.limit, Path(tmp) / mode)
                 print("$" if a.runner == "cli" else "simple_evaluate, as", " ".join(cmd), flush=True)
                 t0 = time.perf_counter()
                 run = run_lm_eval_cli(cmd, Path(tmp) / mode) if a.runner == "cli" else run_lm_eval_api(args, a.limit)
                 seconds = time.perf_counter() - t0
-                c = check(run.samples, model, tokenizer, mode)
+                c = check(run.samples, model, tokenizer, mode, memo)
                 rows.append(ModeResult(mode, c.requests, c.max_abs_diff, c.greedy_agree, run.acc, c.our_acc, seconds,
                                        cmd))
         finally:
@@ -247,7 +255,7 @@ def run_modes(a: argparse.Namespace) -> list[ModeResult]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="demo", help="what `step35-mlx serve --model` takes (default: demo)")
-    ap.add_argument("--mode", choices=[*MODES, "both"], default="both")
+    ap.add_argument("--mode", choices=[*MODES, "all"], default="all")
     ap.add_argument("--runner", choices=["cli", "api"], default="cli",
                     help="the lm_eval CLI in a subprocess, or simple_evaluate in this process")
     ap.add_argument("--limit", type=int, default=10)

@@ -2,7 +2,8 @@
 
 Endpoints: ``/health``; OpenAI ``/v1/models``, ``/v1/models/{id}``, ``/v1/chat/completions``,
 ``/v1/completions`` (with ``echo``/``logprobs``), ``/v1/responses`` (in :mod:`.responses`); Anthropic
-``/v1/messages``, ``/v1/messages/count_tokens``. Stop strings apply to the answer only; thinking budgets
+``/v1/messages``, ``/v1/messages/count_tokens``; vLLM's ``/tokenizer_info``, ``/tokenize``, ``/detokenize``
+(in :mod:`.tokenize`, for lm-evaluation-harness). Stop strings apply to the answer only; thinking budgets
 and the OpenAI effort mapping live in :mod:`step35_mlx.thinking`; ``max_tokens`` past the context is
 clamped (finish ``"length"``).
 
@@ -52,6 +53,7 @@ from .responses import add_responses_routes
 from .schemas import AnthCountRequest, AnthRequest, OAIChatRequest, OAICompletionRequest
 from .logprobs import chat_logprobs, completion_logprobs, implicit_bos, prompt_list, reply_ids
 from .thinking import anthropic_request_thinking, openai_reasoning_budget
+from .tokenize import add_tokenize_routes
 
 
 def create_app(model: Any, tokenizer: Any, *, model_name: str = "step-3.5-flash", api_key: str | None = None,
@@ -394,4 +396,6 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str = "step-3.5-flash"
         return {"input_tokens": len(prepared.ids)}
 
     add_responses_routes(app, engine, parse=parse, headers=headers, model_name=model_name)
+    add_tokenize_routes(app, tokenizer, vocab_size=model.config.vocab_size,
+                        context_limit=engine.session.context_limit, parse=parse, check_key=check_key)
     return app
