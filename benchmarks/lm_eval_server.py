@@ -49,7 +49,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from step35_mlx import load  # noqa: E402
-from step35_mlx.hub import resolve_model  # noqa: E402
+from step35_mlx.hub import ModelNotFoundError, resolve_model  # noqa: E402
 
 TASK_DIR = REPO / "benchmarks" / "lm_eval_task"
 TASK = "step35_pydocs_mc"
@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         rows = run_modes(a)
-    except (RuntimeError, ValueError) as e:
+    except (RuntimeError, ValueError, ModelNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"\n{'mode':7} {'requests':>8} {'max|diff|':>10} {'is_greedy agree':>16} {'acc lm-eval':>11} "
