@@ -6,7 +6,7 @@
    multiple-choice task in ``benchmarks/lm_eval_task`` (``--include_path``), ``--limit``,
    ``--log_samples``; once per request mode:
    - ``tokens``: lm-eval's default, it tokenizes with the model folder's tokenizer and sends token
-     ids (no bos: the tokenizer adds none);
+     ids (no bos: the demo's tokenizer adds none);
    - ``text``: ``tokenized_requests=False``, it sends text and the server tokenizes it, bos first;
    - ``remote``: text as above, and no tokenizer argument: lm-eval's default backend finds the
      server's ``/tokenizer_info`` + ``/tokenize`` and counts tokens with them.
@@ -15,7 +15,7 @@
    log-softmax in NumPy; prints max |diff|, the is_greedy agreement and the accuracy (lm-eval's
    and the one our own log-likelihoods give).
 
-Exits 1 when a diff exceeds ``--tol`` (1e-4) or an is_greedy flag disagrees.
+Exits 1 when a diff exceeds ``--tol`` (1e-4) or an is_greedy flag disagrees, 2 on an error.
 ``--runner api`` calls ``lm_eval.simple_evaluate`` in this process instead of the CLI, with the same
 model arguments and only this task indexed (the CLI indexes every built-in task first, ~10 s):
 what ``tests/test_lm_eval.py`` runs.
