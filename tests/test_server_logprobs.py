@@ -85,6 +85,24 @@ def test_lm_eval_loglikelihood_request(server):
         assert lp["text_offset"][0] == 0 and lp["text_offset"] == sorted(lp["text_offset"])
 
 
+def test_lm_eval_text_loglikelihood_request(server):
+    """lm-eval's ``tokenized_requests=False`` body: the text of context + continuation; it counts ctxlen
+    with the tokenizer's own ids (no bos), so the echo must start after the bos the server adds."""
+    model, tok = server["model"], server["tok"]
+    context, conts = "Question: What is the capital of France?\nAnswer:", [" Paris", " a small dog"]
+    ctxlen = len(tok.encode(context, add_special_tokens=False))
+    body = {"model": "step-demo", "prompt": [context + c for c in conts], "temperature": 0, "max_tokens": 1,
+            "logprobs": 1, "seed": 1234, "echo": True}
+    r = httpx.post(server["url"] + "/v1/completions", json=body, headers=H, timeout=60)
+    assert r.status_code == 200, r.text
+    for choice, cont in zip(sorted(r.json()["choices"], key=lambda c: c["index"]), conts):
+        ids = encode_prompt(tok, context + cont)
+        assert ids[0] == tok.bos_token_id
+        ref = _reference(model, ids)
+        want = sum(ref[k, ids[k + 1]] for k in range(ctxlen, len(ids) - 1))  # the continuation, given bos + context
+        assert abs(sum(choice["logprobs"]["token_logprobs"][ctxlen:-1]) - want) <= 1e-4
+
+
 def test_completions_logprobs_of_generated_tokens(server, oa):
     model, tok = server["model"], server["tok"]
     prompt = "The capital of France is"
