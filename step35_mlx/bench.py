@@ -25,6 +25,8 @@ from typing import Any, Callable, Iterator, Sequence
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from .streams import usable_cores
+
 GREEDY_NOTE = "greedy, eos ignored"
 
 
@@ -35,9 +37,11 @@ class MachineInfo:
     cores: int
     mlx_version: str
     device: str
+    usable_cores: int = 0  # cores this process may run on (taskset, cgroups); 0 = unknown
 
     def line(self) -> str:
-        return (f"{self.chip}, {self.memory_gb:.0f} GB RAM, {self.cores} cores; "
+        usable = f" ({self.usable_cores} usable)" if 0 < self.usable_cores < self.cores else ""
+        return (f"{self.chip}, {self.memory_gb:.0f} GB RAM, {self.cores} cores{usable}; "
                 f"MLX {self.mlx_version} on {self.device}")
 
 
@@ -62,7 +66,7 @@ def machine_info() -> MachineInfo:
         mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
     except (ValueError, OSError, AttributeError):
         mem = 0.0
-    return MachineInfo(chip, mem, os.cpu_count() or 0, mx.__version__, str(mx.default_device()))
+    return MachineInfo(chip, mem, os.cpu_count() or 0, mx.__version__, str(mx.default_device()), usable_cores())
 
 
 @dataclass
