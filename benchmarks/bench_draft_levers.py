@@ -15,7 +15,10 @@ Configurations (``--configs``, ``;``-separated): ``base`` (as stored, full head)
 ``hB`` (head at B bits), ``lB`` (decoder layer and eh_proj at B bits), ``nN`` (N-row draft head,
 ranking from the demo's training documents), ``gC`` (gate at running confidence C).
 
-    python benchmarks/bench_draft_levers.py --tokens 128     # ~4 min on 2 busy cores
+``--speed "base@2;g0.05@3" --repeats 5`` then times those settings (configuration@depth) against
+plain decoding, interleaved, on the first prompt (median tokens/s).
+
+    python benchmarks/bench_draft_levers.py --tokens 128     # ~8 min on 2 busy cores
 """
 
 from __future__ import annotations
@@ -90,12 +93,23 @@ def project(lengths: list[int], emitted: int, cfg: Config, vocab: int, rel: dict
     return (verify + calls * module) / emitted / plain
 
 
+def requantized(models: dict, cfg: Config):
+    """The demo with ``cfg``'s MTP bits (loaded once per bits pair)."""
+    key = (cfg.head_bits, cfg.layer_bits)
+    if key not in models:
+        models[key], _ = load("demo")
+        requantize_mtp(models[key], cfg.head_bits, cfg.layer_bits)
+    return models[key]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", default=DEFAULT_CONFIGS)
     ap.add_argument("--depths", default="1,2,3")
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--json", action="store_true", help="also print the rows as JSON")
+    ap.add_argument("--speed", default="", help="configuration@depth settings to time against plain decoding")
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--write", default="", help="store this configuration in the demo folder (draft.json, and "
                     "draft_vocab.json when it has nN; update the folder's manifest.json after)")
     args = ap.parse_args()
@@ -113,9 +127,8 @@ def main() -> int:
         out, res = measure_one(model, p, 0, args.tokens)
         refs.append(out)
         plain_bytes.append(res.bytes_per_token)
-    plain_speed = statistics.median(r.tokens_per_s for r in [measure_one(model, p, 0, args.tokens)[1] for p in prompts])
     vocab = None
-    if any(c.n for c in configs):
+    if any(c.n for c in configs) or "n" in args.speed:
         from step35_mlx.demo.corpus import SPECIAL_TOKENS, build_corpus
 
         train, _ = build_corpus()
@@ -124,18 +137,15 @@ def main() -> int:
     rel = release_bytes()
     models: dict[tuple, object] = {(None, None): model}
     rows = []
-    print("| d | configuration | acceptance per position | tokens/verify | drafts checked (0..d) | "
-          "bytes/token vs plain | release projection | tok/s vs plain (here) |")
-    print("|---|---|---|---|---|---|---|---|")
+    if configs:
+        print("| d | configuration | acceptance per position | tokens/verify | drafts checked (0..d) | "
+              "bytes/token vs plain | release projection |")
+        print("|---|---|---|---|---|---|---|")
     for cfg in configs:
-        key = (cfg.head_bits, cfg.layer_bits)
-        if key not in models:
-            models[key], _ = load("demo")
-            requantize_mtp(models[key], cfg.head_bits, cfg.layer_bits)
-        m = models[key]
+        m = requantized(models, cfg)
         ids = vocab.top(cfg.n) if cfg.n and cfg.n < V else None
         for d in depths:
-            acc, ratios, speeds, lengths, emitted = [], [], [], [0] * (d + 1), 0
+            acc, ratios, lengths, emitted = [], [], [0] * (d + 1), 0
             for p, ref, pb in zip(prompts, refs, plain_bytes):
                 stats = SpecStats(d)
                 out, res = measure_one(m, p, d, args.tokens, draft_vocab=ids, min_confidence=cfg.gate, stats=stats)
@@ -143,21 +153,34 @@ def main() -> int:
                     raise RuntimeError(f"{cfg.name} d={d}: output differs from plain decoding")
                 acc.append(res.acceptance)
                 ratios.append(res.bytes_per_token / pb)
-                speeds.append(res.tokens_per_s)
                 lengths = [a + b for a, b in zip(lengths, stats.lengths)]
                 emitted += stats.emitted
             row = {"depth": d, "config": cfg.name, "acceptance": [statistics.mean(a[i] for a in acc) for i in range(d)],
                    "tokens_per_verify": emitted / sum(lengths), "lengths": lengths,
-                   "bytes_ratio": statistics.mean(ratios), "release_bytes_ratio": project(lengths, emitted, cfg, V, rel),
-                   "speed_ratio": statistics.median(speeds) / plain_speed}
+                   "bytes_ratio": statistics.mean(ratios), "release_bytes_ratio": project(lengths, emitted, cfg, V, rel)}
             rows.append(row)
             print(f"| {d} | {cfg.name} | {' '.join(f'{x:.2f}' for x in row['acceptance'])} | "
                   f"{row['tokens_per_verify']:.2f} | {' '.join(map(str, lengths))} | {row['bytes_ratio']:.3f} | "
-                  f"{row['release_bytes_ratio']:.3f} | {row['speed_ratio']:.2f} |", flush=True)
-    print("greedy outputs identical to plain decoding for every configuration and depth: True")
-    best = min(rows, key=lambda r: r["bytes_ratio"])
-    print(f"best on the demo: {best['config']} d={best['depth']} at {best['bytes_ratio']:.3f}x plain; "
-          f"best release projection: {min(r['release_bytes_ratio'] for r in rows):.3f}x")
+                  f"{row['release_bytes_ratio']:.3f} |", flush=True)
+    if rows:
+        print("greedy outputs identical to plain decoding for every configuration and depth: True")
+        best = min(rows, key=lambda r: r["bytes_ratio"])
+        print(f"best on the demo: {best['config']} d={best['depth']} at {best['bytes_ratio']:.3f}x plain; "
+              f"best release projection: {min(r['release_bytes_ratio'] for r in rows):.3f}x")
+    if args.speed:
+        timed = [(Config.parse(c.split("@")[0]), int(c.split("@")[1])) for c in args.speed.split(";") if c]
+        speeds: dict[str, list[float]] = {"plain": []}
+        for _ in range(args.repeats):
+            speeds["plain"].append(measure_one(model, prompts[0], 0, args.tokens)[1].tokens_per_s)
+            for cfg, d in timed:
+                m = requantized(models, cfg)
+                ids = vocab.top(cfg.n) if cfg.n and cfg.n < V else None
+                res = measure_one(m, prompts[0], d, args.tokens, draft_vocab=ids, min_confidence=cfg.gate)[1]
+                speeds.setdefault(f"{cfg.name} d={d}", []).append(res.tokens_per_s)
+        base = statistics.median(speeds["plain"])
+        for name, v in speeds.items():
+            print(f"{name:24s} {statistics.median(v):7.1f} tok/s  {statistics.median(v) / base:.2f}x plain  "
+                  f"(runs {' '.join(f'{x:.0f}' for x in v)})")
     if args.json:
         print(json.dumps(rows))
     if args.write:
