@@ -316,7 +316,8 @@ def speculative_tokens(
     with the cache is restarted at the prompt (only the first drafts' acceptance suffers).
     ``draft_vocab``: ids a new drafter drafts over (see :mod:`step35_mlx.draft_vocab`);
     ``min_confidence``: its draft-length gate (see :mod:`step35_mlx.draft_gate`).
-    Each step builds drafts, verify forward and acceptance lazily and reads back once.
+    Each step builds drafts, verify forward and acceptance lazily and reads back once (plus one
+    read per drafting module when gated).
     """
     if key is None:
         key = mx.random.key(int(mx.random.randint(0, 2**31 - 1, ()).item()))
