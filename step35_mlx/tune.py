@@ -14,6 +14,8 @@ from typing import Sequence
 import mlx.core as mx
 
 from .costs import RoutingRecorder, decode_cost, mtp_draft_bytes
+from .draft_config import load_draft_config
+from .draft_vocab import default_draft_ids
 from .generate import ar_tokens
 from .model import Model
 from .sampling import SamplingParams
@@ -74,14 +76,20 @@ def measure_one(model: Model, prompt: Sequence[int], depth: int, n_tokens: int,
 
 def measure(model: Model, prompt: Sequence[int], n_tokens: int = 128, depths: Sequence[int] | None = None,
             repeats: int = 1, params: SamplingParams = SamplingParams(temperature=0.0)) -> list[TuneResult]:
-    """Interleaved runs of every mode (median tokens/s); greedy outputs are checked to agree."""
+    """Interleaved runs of every mode (median tokens/s); greedy outputs are checked to agree.
+
+    MTP runs draft as generation would: with the folder's ``draft_vocab.json`` and ``draft.json`` gate.
+    """
     if depths is None:
         depths = [0] + list(range(1, min(3, model.num_mtp) + 1))
+    folder = getattr(model, "source_path", None)
+    vocab = default_draft_ids(model)
+    gate = load_draft_config(folder).min_confidence
     runs: dict[int, list[TuneResult]] = {d: [] for d in depths}
     reference = None
     for r in range(repeats):
         for d in depths:
-            out, res = measure_one(model, prompt, d, n_tokens, params, seed=r)
+            out, res = measure_one(model, prompt, d, n_tokens, params, seed=r, draft_vocab=vocab, min_confidence=gate)
             reference = reference or out
             if params.greedy and out != reference:
                 raise RuntimeError(f"MTP depth {d} produced different greedy tokens than plain decoding")
