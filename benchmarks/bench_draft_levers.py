@@ -155,7 +155,8 @@ def main() -> int:
                 ratios.append(res.bytes_per_token / pb)
                 lengths = [a + b for a, b in zip(lengths, stats.lengths)]
                 emitted += stats.emitted
-            row = {"depth": d, "config": cfg.name, "acceptance": [statistics.mean(a[i] for a in acc) for i in range(d)],
+            row = {"depth": d, "config": cfg.name,
+                   "acceptance": [statistics.mean(a[i] for a in acc) for i in range(d)],
                    "tokens_per_verify": emitted / sum(lengths), "lengths": lengths,
                    "bytes_ratio": statistics.mean(ratios), "release_bytes_ratio": project(lengths, emitted, cfg, V, rel)}
             rows.append(row)
