@@ -44,7 +44,7 @@ from step35_mlx.draft_vocab import DraftVocab, rank_tokens, save_draft_vocab  # 
 from step35_mlx.speculative import SpecStats  # noqa: E402
 from step35_mlx.tune import measure_one  # noqa: E402
 
-DEFAULT_CONFIGS = "base;h3;l3;h3l3;h2l2;h3l2;n1024;h3l3n1024;g0.05;h3l3n1024g0.05"
+DEFAULT_CONFIGS = "base;h3;l3;h2;l2;n1024;l3n1024;l2n1024;h3l2n1024;g0.05;g0.1;l2g0.05;h3l3g0.05"
 _TOKEN = re.compile(r"([hlng])([0-9.]+)")
 
 
