@@ -20,6 +20,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from .draft_config import load_draft_config
+from .draft_quant import requantize_mtp
 from .errors import CheckpointError
 from .model import Model
 from .mlx_lm_format import FolderFormat, read_folder
@@ -165,7 +167,8 @@ def load_model(path: str | Path, dtype: mx.Dtype | None = None, *, mtp: bool = T
     are never read), saving their memory. ``folder_format``: the folder's
     :func:`~step35_mlx.mlx_lm_format.read_folder` reading when the caller already has it. A Step 3.7
     checkpoint's vision tower becomes ``model.vision`` unless ``vision=False`` (its tensors are then
-    skipped). Raises ``CheckpointError`` naming any missing, unexpected or wrongly shaped tensor.
+    skipped). The folder's ``draft.json`` may requantize the MTP modules (:mod:`step35_mlx.draft_config`).
+    Raises ``CheckpointError`` naming any missing, unexpected or wrongly shaped tensor.
     """
     path = Path(path)
     if dtype is None and mx.default_device() == mx.cpu:
@@ -176,6 +179,7 @@ def load_model(path: str | Path, dtype: mx.Dtype | None = None, *, mtp: bool = T
     config = folder.config
     if not mtp and config.num_nextn_predict_layers:
         config = dataclasses.replace(config, num_nextn_predict_layers=0)
+    draft = load_draft_config(path) if config.num_nextn_predict_layers else None
     raw = read_weights(path)
     if folder.mlx_lm is not None:
         raw = folder.mlx_lm.to_checkpoint(raw)
@@ -200,6 +204,8 @@ def load_model(path: str | Path, dtype: mx.Dtype | None = None, *, mtp: bool = T
     _check_coverage(model, weights)
     model.load_weights(list(_cast(weights, dtype).items()), strict=True)
     mx.eval(model.parameters())
+    if draft is not None and (draft.head_bits or draft.layer_bits):
+        requantize_mtp(model, draft.head_bits, draft.layer_bits)
     model.eval()
     model.source_path = path
     model.load_notice = folder.mlx_lm.notice() if folder.mlx_lm is not None else None

@@ -24,6 +24,8 @@ from mlx.utils import tree_flatten
 
 from .distributed.sync import root_tokens
 from .model import DEFAULT_SLACK, Model
+from .draft_config import load_draft_config
+from .draft_gate import confident, draft_confidence
 from .draft_vocab import default_draft_ids, slice_rows
 from .sampling import SamplingParams, probs, residual, sample, sample_token
 
@@ -32,21 +34,27 @@ LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 
 @dataclass
 class SpecStats:
-    """Acceptance per draft position and tokens per verify, for reporting and tuning."""
+    """Acceptance per draft position and tokens per verify, for reporting and tuning.
+
+    ``lengths[i]``: verifies that checked ``i`` drafts (fewer than ``depth`` when gated).
+    """
 
     depth: int
     verifies: int = 0
     emitted: int = 0
     proposed: list[int] = field(default_factory=list)
     accepted: list[int] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.proposed = [0] * self.depth
         self.accepted = [0] * self.depth
+        self.lengths = [0] * (self.depth + 1)
 
     def record(self, n_accepted: int, n_drafts: int) -> None:
         self.verifies += 1
         self.emitted += n_accepted + 1
+        self.lengths[n_drafts] += 1
         for i in range(min(n_accepted + 1, n_drafts)):
             self.proposed[i] += 1
             self.accepted[i] += int(i < n_accepted)
@@ -115,11 +123,13 @@ class MTPDrafter:
     ``done[k]``: rows committed in module k's cache. ``inputs[k]``: previous-stage rows
     from ``done[k]`` that module k has not consumed yet (trunk hidden rows for k = 0).
     ``vocab``: token ids the drafts are restricted to (``draft_vocab``); ``None`` drafts
-    over the whole vocabulary. Output is exact either way: the trunk verifies.
+    over the whole vocabulary. ``min_confidence`` > 0 gates the draft length
+    (:mod:`step35_mlx.draft_gate`). Output is exact either way: the trunk verifies.
+    ``calls[k]``: forwards of module k so far (for byte accounting).
     """
 
     def __init__(self, model: Model, depth: int, start: int = 0, slack: int = DEFAULT_SLACK,
-                 vocab: mx.array | None = None):
+                 vocab: mx.array | None = None, min_confidence: float = 0.0):
         if not 1 <= depth <= model.num_mtp:
             raise ValueError(f"draft depth must be in [1, {model.num_mtp}] for this checkpoint, got {depth}")
         if depth > slack:
@@ -128,6 +138,8 @@ class MTPDrafter:
         self.depth = depth
         self.slack = slack
         self.vocab = vocab
+        self.min_confidence = min_confidence
+        self.calls = [0] * depth
         self.heads = ([slice_rows(model.model.mtp[k].shared_head.output, vocab) for k in range(depth)]
                       if vocab is not None else None)
         self.reset(start)
@@ -173,8 +185,9 @@ class MTPDrafter:
         return self.heads[k](self.model.model.mtp[k].shared_head.norm(z))[0, -1]
 
     def _draft(self, k: int, z: mx.array, ctx: mx.array, params: SamplingParams, key: mx.array | None,
-               processors: Sequence[LogitsProcessor]) -> tuple[mx.array, mx.array | None]:
-        """One draft token ``[1]`` and, when sampling, its full-vocabulary draft probs ``[V]``."""
+               processors: Sequence[LogitsProcessor]) -> tuple[mx.array, mx.array | None, mx.array | None]:
+        """One draft token ``[1]``, when sampling its full-vocabulary draft probs ``[V]``, and when
+        gating the probability the module gave it."""
         logits = self._draft_logits(k, z)
         V = self.model.config.vocab_size
         if processors:
@@ -192,12 +205,14 @@ class MTPDrafter:
             logits = mx.where(mx.isfinite(logits).any(), logits, raw)
         if params.greedy:
             i = mx.argmax(logits)
-            return (self.vocab[i] if self.vocab is not None else i).astype(mx.int32)[None], None
+            conf = draft_confidence(logits, None, i) if self.min_confidence > 0 else None
+            return (self.vocab[i] if self.vocab is not None else i).astype(mx.int32)[None], None, conf
         q = probs(logits, params)
         i = sample(q, key=key)
+        conf = draft_confidence(logits, q, i) if self.min_confidence > 0 else None
         if self.vocab is None:
-            return i.astype(mx.int32)[None], q
-        return self.vocab[i].astype(mx.int32)[None], mx.zeros((V,), q.dtype).at[self.vocab].add(q)
+            return i.astype(mx.int32)[None], q, conf
+        return self.vocab[i].astype(mx.int32)[None], mx.zeros((V,), q.dtype).at[self.vocab].add(q), conf
 
     def _run(self, history: Sequence[int], draft: bool, params: SamplingParams | None, key: mx.array | None,
              processors: Sequence[LogitsProcessor]) -> Drafts:
@@ -209,9 +224,11 @@ class MTPDrafter:
         qs: list[mx.array] = []
         keys = mx.random.split(key, self.depth) if (draft and key is not None) else [None] * self.depth
         inp, committed_hi = self.inputs[0], R
+        drafting, run = draft, None  # run: product of the kept drafts' confidences
         for k in range(self.depth):
             lo = self.done[k]
-            hi = R - 1 if draft else min(R - 1, N - k - 2)
+            # after a gated-out draft the later modules wait: their rows stay pending for the next step
+            hi = (R - 1 if drafting else lo - 1) if draft else min(R - 1, N - k - 2)
             out = None
             if hi >= lo:
                 # rows lo..hi embed tokens lo+k+1..hi+k+1: known history first, then drafts
@@ -220,10 +237,15 @@ class MTPDrafter:
                 parts += drafts[max(0, lo + k + 1 - N): hi + k + 2 - N]
                 toks = mx.concatenate(parts) if len(parts) > 1 else parts[0]
                 out = self.model.mtp_step(k, toks[None], inp[:, : hi - lo + 1], self.caches[k])
+                self.calls[k] += 1
                 if draft:
                     ctx = mx.concatenate([mx.array(list(history), dtype=mx.int32), *drafts]) if processors else None
-                    tok, q = self._draft(k, out[:, -1:], ctx, params, keys[k], processors)
+                    tok, q, conf = self._draft(k, out[:, -1:], ctx, params, keys[k], processors)
                     tok = root_tokens(self.model, tok)
+                    if self.min_confidence > 0:
+                        run = conf if run is None else run * conf
+                        drafting = confident(self.model, run, self.min_confidence)
+                if drafting:
                     drafts.append(tok)
                     if q is not None:
                         qs.append(q)
@@ -281,6 +303,7 @@ def speculative_tokens(
     history: Sequence[int] | None = None,
     drafter: MTPDrafter | None = None,
     draft_vocab: mx.array | None = None,
+    min_confidence: float = 0.0,
 ) -> Iterator[int]:
     """Yield generated token ids, verifying ``depth`` MTP drafts per trunk forward.
 
@@ -291,8 +314,10 @@ def speculative_tokens(
     yielded token are trimmed; a last token not yet verified is fed). Pass the ``drafter``
     of the previous call to keep the MTP caches across turns; one that does not line up
     with the cache is restarted at the prompt (only the first drafts' acceptance suffers).
-    ``draft_vocab``: ids a new drafter drafts over (see :mod:`step35_mlx.draft_vocab`).
-    Each step builds drafts, verify forward and acceptance lazily and reads back once.
+    ``draft_vocab``: ids a new drafter drafts over (see :mod:`step35_mlx.draft_vocab`);
+    ``min_confidence``: its draft-length gate (see :mod:`step35_mlx.draft_gate`).
+    Each step builds drafts, verify forward and acceptance lazily and reads back once (plus one
+    read per drafting module when gated).
     """
     if key is None:
         key = mx.random.key(int(mx.random.randint(0, 2**31 - 1, ()).item()))
@@ -304,9 +329,10 @@ def speculative_tokens(
         raise ValueError("history must end with the prompt")
     start = len(tokens) - len(prompt_ids)
     if drafter is None:
-        drafter = MTPDrafter(model, depth, start=start, vocab=draft_vocab)
+        drafter = MTPDrafter(model, depth, start=start, vocab=draft_vocab, min_confidence=min_confidence)
     elif drafter.rows != start or drafter.depth != depth:
-        drafter.__init__(model, depth, start=start, slack=drafter.slack, vocab=drafter.vocab)
+        drafter.__init__(model, depth, start=start, slack=drafter.slack, vocab=drafter.vocab,
+                         min_confidence=drafter.min_confidence)
     hidden = None
     for s in range(0, len(prompt_ids), prefill_step):
         hidden = model.trunk(prompt[None, s : s + prefill_step], cache)
@@ -353,7 +379,8 @@ class MTPDecoder:
     """A token generator (``decode.TokenGenerator`` protocol) that decodes with MTP drafts.
 
     Holds the acceptance statistics of its runs, for the stats line and ``tune``. Drafts use
-    the reduced vocabulary stored with the model's folder when there is one (``draft_vocab.json``).
+    the reduced vocabulary stored with the model's folder when there is one (``draft_vocab.json``)
+    and the draft gate of its ``draft.json``.
     """
 
     def __init__(self, depth: int):
@@ -365,4 +392,5 @@ class MTPDecoder:
                  prefill_step: int = 512, on_prefilled: Callable[[], None] | None = None) -> Iterator[int]:
         return speculative_tokens(model, cache, prompt, params, depth=self.depth, key=key,
                                   logits_processors=logits_processors, prefill_step=prefill_step,
-                                  on_prefilled=on_prefilled, stats=self.stats, draft_vocab=default_draft_ids(model))
+                                  on_prefilled=on_prefilled, stats=self.stats, draft_vocab=default_draft_ids(model),
+                                  min_confidence=load_draft_config(getattr(model, "source_path", None)).min_confidence)

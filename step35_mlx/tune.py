@@ -16,9 +16,11 @@ import mlx.core as mx
 
 from .costs import RoutingRecorder, decode_cost, mtp_draft_bytes
 from .decode import ar_tokens
+from .draft_config import load_draft_config
+from .draft_vocab import default_draft_ids
 from .model import Model
 from .sampling import SamplingParams
-from .speculative import SpecStats, speculative_tokens
+from .speculative import MTPDrafter, SpecStats, speculative_tokens
 from .streams import use_two_streams
 from .tuned import TuneResult
 
@@ -30,22 +32,28 @@ TUNE_PROMPT = (
 
 def measure_one(model: Model, prompt: Sequence[int], depth: int, n_tokens: int,
                 params: SamplingParams = SamplingParams(temperature=0.0), seed: int = 0,
-                draft_vocab: mx.array | None = None) -> tuple[list[int], TuneResult]:
+                draft_vocab: mx.array | None = None, min_confidence: float = 0.0,
+                stats: SpecStats | None = None) -> tuple[list[int], TuneResult]:
     """Decode ``n_tokens`` after ``prompt``; returns the tokens and timing, acceptance and bytes read.
 
-    ``draft_vocab``: ids the MTP drafts are restricted to (``None``: the whole vocabulary).
+    ``draft_vocab``: ids the MTP drafts are restricted to (``None``: the whole vocabulary);
+    ``min_confidence``: the draft gate (:mod:`step35_mlx.draft_gate`). ``stats``: filled with the
+    run's acceptance statistics when given.
     """
     cache = model.make_cache()
-    stats = SpecStats(depth) if depth else None
+    if depth and stats is None:
+        stats = SpecStats(depth)
+    drafter = MTPDrafter(model, depth, vocab=draft_vocab, min_confidence=min_confidence) if depth else None
     key = mx.random.key(seed)
     prompt_arr = mx.array(list(prompt), dtype=mx.int32)
     gen = (speculative_tokens(model, cache, prompt_arr, params, depth=depth, key=key, stats=stats,
-                              draft_vocab=draft_vocab)
+                              drafter=drafter)
            if depth else ar_tokens(model, cache, prompt_arr, params, key=key))
     out: list[int] = []
     with RoutingRecorder(model) as rec:
         out.append(next(gen))  # prefill and first token: not part of the decode measurement
         rec.clear()
+        calls_before = list(drafter.calls) if drafter else []
         t0 = time.perf_counter()
         for tok in gen:
             out.append(tok)
@@ -55,7 +63,7 @@ def measure_one(model: Model, prompt: Sequence[int], depth: int, n_tokens: int,
         forwards = rec.forwards()
         gen.close()
         generated = len(out) - 1
-        calls = [stats.verifies] * depth if stats else []
+        calls = [c - b for c, b in zip(drafter.calls, calls_before)] if drafter else []
         rows = model.config.vocab_size if draft_vocab is None else int(draft_vocab.shape[0])
         cost = decode_cost(model, rec, generated, forwards, calls,
                            [mtp_draft_bytes(model, k, rows) for k in range(depth)])
@@ -70,14 +78,20 @@ def measure_one(model: Model, prompt: Sequence[int], depth: int, n_tokens: int,
 
 def measure(model: Model, prompt: Sequence[int], n_tokens: int = 128, depths: Sequence[int] | None = None,
             repeats: int = 1, params: SamplingParams = SamplingParams(temperature=0.0)) -> list[TuneResult]:
-    """Interleaved runs of every mode (median tokens/s); greedy outputs are checked to agree."""
+    """Interleaved runs of every mode (median tokens/s); greedy outputs are checked to agree.
+
+    MTP runs draft as generation would: with the folder's ``draft_vocab.json`` and ``draft.json`` gate.
+    """
     if depths is None:
         depths = [0] + list(range(1, min(3, model.num_mtp) + 1))
+    folder = getattr(model, "source_path", None)
+    vocab = default_draft_ids(model)
+    gate = load_draft_config(folder).min_confidence
     runs: dict[int, list[TuneResult]] = {d: [] for d in depths}
     reference = None
     for r in range(repeats):
         for d in depths:
-            out, res = measure_one(model, prompt, d, n_tokens, params, seed=r)
+            out, res = measure_one(model, prompt, d, n_tokens, params, seed=r, draft_vocab=vocab, min_confidence=gate)
             reference = reference or out
             if params.greedy and out != reference:
                 raise RuntimeError(f"MTP depth {d} produced different greedy tokens than plain decoding")
