@@ -177,13 +177,15 @@ def _weight_bytes(model: Any) -> int:
 
 def ours_engine(model: Any, settings: BenchSettings) -> Engine:
     """Our generators on ``model``: plain ``ar_tokens``, or MTP with ``settings.mtp`` drafts."""
-    from .draft_vocab import default_draft_ids
     from .decode import ar_tokens, prefill
+    from .draft_config import load_draft_config
+    from .draft_vocab import default_draft_ids
     from .sampling import SamplingParams
     from .speculative import SpecStats, speculative_tokens
 
     greedy = SamplingParams(temperature=0.0)
     spec = SpecStats(settings.mtp) if settings.mtp else None
+    gate = load_draft_config(getattr(model, "source_path", None)).min_confidence  # as generation drafts
 
     def run(ctx: list[int], prompt: list[int]) -> Iterator[int]:
         cache = model.make_cache()
@@ -193,7 +195,7 @@ def ours_engine(model: Any, settings: BenchSettings) -> Engine:
         if spec is not None:
             return speculative_tokens(model, cache, p, greedy, depth=settings.mtp, stats=spec,
                                       history=ctx + prompt, prefill_step=settings.prefill_step,
-                                      draft_vocab=default_draft_ids(model))
+                                      draft_vocab=default_draft_ids(model), min_confidence=gate)
         return ar_tokens(model, cache, p, greedy, prefill_step=settings.prefill_step)
 
     def stats() -> dict:
