@@ -195,7 +195,8 @@ def test_bad_options_are_value_errors(demo):
         generate(model, tok, "hi", max_tokens=2, tools=[WEATHER], tool_choice={"type": "tool", "name": "nope"})
     with pytest.raises(ValueError, match="no tools"):
         generate(model, tok, "hi", max_tokens=2, tool_choice="required")
-    assert constraint_for({"type": "text"}, [WEATHER], "auto") is None
+    assert constraint_for({"type": "text"}, [WEATHER], "none") is None
+    assert constraint_for({"type": "text"}, [WEATHER], "auto").auto
 
 
 def test_chat_reply_reasons_freely_then_answers_in_schema(demo):
