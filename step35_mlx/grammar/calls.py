@@ -19,7 +19,9 @@ NO_TAGS = r"~/(.|\n)*<\/?(parameter|function|tool_call)(.|\n)*/"
 ANY = r"(.|\n)*"
 
 _OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
-_DATE = r"[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])"
+# days per month (February up to 29: leap years are not a regular language worth the states)
+_DATE = (r"[0-9]{4}-((0[13578]|1[02])-(0[1-9]|[12][0-9]|3[01])|(0[469]|11)-(0[1-9]|[12][0-9]|30)"
+         r"|02-(0[1-9]|1[0-9]|2[0-9]))")
 _TIME = r"([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9]|60)(\.[0-9]+)?([Zz]|[+-]([01][0-9]|2[0-3]):[0-5][0-9])"
 _ATOM = r"[A-Za-z0-9!#$%&'*+=?^_`{|}~-]+"
 _LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?"
@@ -29,7 +31,7 @@ FORMATS = {
     "date": _DATE,
     "time": _TIME,
     "date-time": f"{_DATE}[Tt]{_TIME}",
-    "email": f"{_ATOM}(\\.{_ATOM})*@({_LABEL}\\.)+{_LABEL}",
+    "email": f"{_ATOM}(\\.{_ATOM})*@({_LABEL}\\.)*{_LABEL}",
     "uuid": f"{_HEX}{{8}}-{_HEX}{{4}}-{_HEX}{{4}}-{_HEX}{{4}}-{_HEX}{{12}}",
     "ipv4": f"{_OCTET}(\\.{_OCTET}){{3}}",
 }
@@ -43,7 +45,7 @@ def _literal(text: str, added: dict[str, int]) -> str:
 
 
 def json_value(schema: dict) -> str:
-    """llguidance's JSON-schema lexeme, compact JSON the way json.dumps writes it (flexible spaces let a model pad forever)."""
+    """llguidance's JSON-schema lexeme: compact JSON as json.dumps writes it (free spaces let a model pad forever)."""
     return "%json " + json.dumps({**schema, "x-guidance": JSON_OPTIONS})
 
 
