@@ -78,6 +78,7 @@ class AutoToolProcessor(GrammarProcessor):
         self.lltok = lltok
 
     def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
+        mx.async_eval(logits)  # as in GrammarProcessor: the forward starts before the host reads the context
         answer = self.answer([int(t) for t in tokens[self.start:].tolist()])
         if answer is None:
             return logits

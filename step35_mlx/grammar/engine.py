@@ -117,12 +117,12 @@ class GrammarProcessor:
         return mx.array(bits.astype(np.bool_))
 
     def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
+        mx.async_eval(logits)  # the forward runs on the device while the host reads the context and masks
         answer = self.answer([int(t) for t in tokens[self.start:].tolist()])
         return logits if answer is None else self.mask(answer, logits)
 
     def mask(self, segment: list[int], logits: mx.array) -> mx.array:
         """``logits`` with every token the grammar forbids after ``segment`` (the tokens it has read) at ``-inf``."""
-        mx.async_eval(logits)  # the forward runs on the device while the host computes the mask
         # A row after a token the grammar rejects (a draft that will be rejected) or after the
         # grammar's eos (nothing allowed) is never sampled from; it passes unchanged.
         if not self.sync(segment):
