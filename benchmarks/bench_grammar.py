@@ -16,7 +16,7 @@
    guard runs) vs ``tool_choice="none"``, ms/token, and whether the tokens are identical; plus the
    guard's one-time mask build for a state at the release's vocabulary size (synthetic texts).
 
-    python benchmarks/bench_grammar.py                  # ~1 min on 2 CPU cores
+    python benchmarks/bench_grammar.py                  # ~2-3 min on 2 CPU cores
     python benchmarks/bench_grammar.py --repeats 5 --json out.json
 """
 
@@ -139,14 +139,18 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": 
     "city": {"type": "string", "pattern": "^[A-Z][a-z]+$"}, "days": {"type": "integer"}}, "required": ["city"]}}}]
 
 
-def auto_tools(model, tok, repeats: int, mtp: bool, n: int = 128) -> dict:
-    """ms/token of free text under tool_choice auto vs none (alternating runs, after a warm-up of each)."""
-    ids = list(tok.apply_chat_template([{"role": "user", "content": "Weather in Paris?"}], add_generation_prompt=True))
+def auto_tools(model, tok, repeats: int, mtp: bool, n: int = 200) -> dict:
+    """ms/token of free text under tool_choice auto vs none (alternating runs, after a warm-up of each).
+
+    Sampled (temperature 1, seed 2: the demo's greedy answers end after about 13 tokens; this one runs ~90).
+    """
+    ids = list(tok.apply_chat_template([{"role": "user", "content": "What does os.path.join do?"}],
+                                       add_generation_prompt=True))
     ids += tok.encode("I will answer.\n</think>\n", add_special_tokens=False)
 
     def run(choice):
-        chunks = list(stream_generate(model, tok, ids, tools=TOOLS, tool_choice=choice, temperature=0, max_tokens=n,
-                                      mtp=mtp))
+        chunks = list(stream_generate(model, tok, ids, tools=TOOLS, tool_choice=choice, temperature=1.0, seed=2,
+                                      max_tokens=n, mtp=mtp))
         return 1e3 / max(chunks[-1].stats.generation_tps, 1e-9), [c.token_ids[0] for c in chunks]
 
     _, auto_ids = run("auto")
@@ -158,6 +162,29 @@ def auto_tools(model, tok, repeats: int, mtp: bool, n: int = 128) -> dict:
     a, f = statistics.median(auto), statistics.median(free)
     return {"mtp": mtp, "tokens": len(free_ids), "none_ms": f, "auto_ms": a, "ratio": a / f,
             "identical": auto_ids == free_ids}
+
+
+def free_text_row(model, tok, repeats: int) -> dict:
+    """ms per free-text row of the auto processor alone (context read, opener scan, guard) by context length."""
+    from step35_mlx.grammar import constraint_for, grammar_processor
+
+    V = model.config.vocab_size
+    proc = grammar_processor(constraint_for(None, TOOLS), tok, vocab_size=V,
+                             eos_ids=frozenset(model.config.eos_token_id), start=0, reasoning=False)
+    words = tok.encode("the value of a list is returned as a string ", add_special_tokens=False)
+    logits = mx.zeros((1, V))
+    mx.eval(logits)
+    out = {}
+    for n in (128, 1024, 4096):
+        ctx = mx.array((words * (n // len(words) + 1))[:n])
+        mx.eval(ctx)
+        times = []
+        for _ in range(repeats * 20):
+            t0 = time.perf_counter()
+            mx.eval(proc(ctx, logits))
+            times.append(time.perf_counter() - t0)
+        out[n] = 1e3 * statistics.median(times)
+    return out
 
 
 def guard_build(repeats: int) -> float:
@@ -203,11 +230,14 @@ def main() -> None:
     auto = [auto_tools(model, tok, a.repeats, mtp) for mtp in (False, True)]
     result["auto_tools"] = auto
     result["guard_build_ms_at_128896"] = guard_build(a.repeats)
-    print(f"free text under tool_choice auto, greedy, {a.model}: ms/token (median of {a.repeats})")
+    result["free_text_row_ms"] = free_text_row(model, tok, a.repeats)
+    print(f"free text under tool_choice auto, sampled (seed 2), {a.model}: ms/token (median of {a.repeats})")
     print(f"  {'decoding':<10}{'tokens':>8}{'none':>10}{'auto':>10}{'ratio':>8}  identical tokens")
     for r in auto:
         print(f"  {'MTP' if r['mtp'] else 'plain':<10}{r['tokens']:>8}{r['none_ms']:>10.2f}{r['auto_ms']:>10.2f}"
               f"{r['ratio']:>8.2f}  {'yes' if r['identical'] else 'NO'}")
+    print("auto processor alone on a free-text row, by context length: " + ", ".join(
+        f"{n} tokens {ms:.3f} ms" for n, ms in result["free_text_row_ms"].items()))
     print(f"spelled-opener guard, one state's mask over {RELEASE_VOCAB} texts (once per tokenizer): "
           f"{result['guard_build_ms_at_128896']:.1f} ms")
     if a.json:
