@@ -161,3 +161,15 @@ def test_auto_without_a_usable_grammar_stays_unconstrained(demo):
         grammar_processor(constraint_for(None, tools, "required"), tok, vocab_size=model.config.vocab_size,
                           eos_ids=eos, start=0, reasoning=False)
     assert constraint_for(None, [{"name": "g", "parameters": "not a schema"}]) is None
+
+
+def test_without_llguidance_auto_is_unconstrained_and_forcing_is_a_400(monkeypatch):
+    import sys
+
+    from step35_mlx.server.constrain import request_constraint
+    from step35_mlx.server.errors import APIError
+
+    monkeypatch.setitem(sys.modules, "llguidance", None)  # find_spec (and import) now see no llguidance
+    assert constraint_for(None, [BOOK]) is None and request_constraint(None, [BOOK], "auto", False) is None
+    with pytest.raises(APIError, match="needs llguidance"):
+        request_constraint(None, [BOOK], "required")

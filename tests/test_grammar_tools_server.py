@@ -74,15 +74,16 @@ def test_auto_call_the_model_opens_parses(server, oa, monkeypatch):
     check_args(json.loads(calls[0].function.arguments))
 
 
-def test_anthropic_auto_without_parallel_use(server, monkeypatch):
+def test_anthropic_without_parallel_tool_use(server, monkeypatch):
     force_prefix(monkeypatch, server["tok"], OPEN)
     an = anthropic.Anthropic(base_url=server["url"], api_key=KEY, max_retries=0, timeout=60)
-    m = an.messages.create(model="step-demo", max_tokens=80, messages=ASK,
-                           tools=[{"name": "book", "input_schema": PARAMS}],
-                           tool_choice={"type": "auto", "disable_parallel_tool_use": True})
-    uses = [b for b in m.content if b.type == "tool_use"]
-    assert m.stop_reason == "tool_use" and len(uses) == 1 and uses[0].name == "book"
-    check_args(uses[0].input)
+    for kind in ("auto", "any"):
+        m = an.messages.create(model="step-demo", max_tokens=80, messages=ASK,
+                               tools=[{"name": "book", "input_schema": PARAMS}],
+                               tool_choice={"type": kind, "disable_parallel_tool_use": True})
+        uses = [b for b in m.content if b.type == "tool_use"]
+        assert m.stop_reason == "tool_use" and len(uses) == 1 and uses[0].name == "book"
+        check_args(uses[0].input)
 
 
 def test_responses_parallel_tool_calls_false(oa):
