@@ -221,8 +221,9 @@ def test_constraint_options_and_json_form():
     for choice in ("required", {"type": "any"}):
         any_tool = constraint_for({"type": "json_object"}, [WEATHER, CLOCK], choice)  # forcing wins
         assert list(any_tool.tools) == ["get_weather", "get_time"] and any_tool.many_calls and any_tool.schema is None
-    schema = constraint_for(PET_FORMAT, [WEATHER], {"type": "auto"})
-    assert schema.schema == PET and not schema.tools
+    schema = constraint_for(PET_FORMAT, [WEATHER], {"type": "auto"})  # the JSON value, or calls
+    assert schema.schema == PET and list(schema.tools) == ["get_weather"] and not schema.auto
+    assert not constraint_for(PET_FORMAT, [WEATHER], "none").tools
     assert Constraint.coerce(json.loads(json.dumps(forced.to_dict()))) == forced
 
 

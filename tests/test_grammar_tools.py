@@ -2,6 +2,7 @@
 ``<tool_call>``), ``parallel_tool_calls=False``, and raw string values with ``pattern`` / ``format``."""
 
 import datetime
+import json
 import re
 import uuid
 
@@ -84,6 +85,22 @@ def test_auto_call_the_model_opens_is_valid_plain_and_mtp(demo, monkeypatch):
 
 def _finite(row: mx.array) -> np.ndarray:
     return np.nonzero(np.array(mx.isfinite(row)).reshape(-1))[0]
+
+
+def test_response_format_beside_auto_tools_answers_json_or_calls(demo, monkeypatch):
+    model, tok = demo
+    pet = {"type": "object", "properties": {"kind": {"enum": ["cat", "dog"]}}, "required": ["kind"],
+           "additionalProperties": False}
+    fmt = {"type": "json_schema", "json_schema": {"name": "pet", "schema": pet}}
+    kw = dict(tools=[BOOK], response_format=fmt, max_tokens=60, temperature=1.0, seed=0, parallel_tool_calls=False)
+    chunks = list(stream_generate(model, tok, chat_prompt(tok, answer=True), **kw))
+    assert json.loads("".join(c.content for c in chunks))["kind"] in ("cat", "dog")
+    assert not [c for ch in chunks for c in ch.tool_calls]
+    force_prefix(monkeypatch, tok, "<tool_call>")  # the answer opens a call instead
+    chunks = list(stream_generate(model, tok, chat_prompt(tok, answer=True), **kw))
+    calls = [c for ch in chunks for c in ch.tool_calls]
+    assert len(calls) == 1 and chunks[-1].finish_reason == "stop" and not "".join(c.content for c in chunks).strip()
+    check_book(calls[0])
 
 
 def test_free_text_may_not_spell_the_opener(demo):

@@ -92,8 +92,9 @@ def param_value(schema: dict) -> str:
     return f': ({values}) "\\n</parameter>\\n"'
 
 
-def tool_call_grammar(tools: dict[str, dict], added: dict[str, int], many: bool, lead: bool = True) -> str:
-    """Lark grammar of Step's XML tool calls of ``tools`` (``{name: parameters schema}``).
+def tool_call_grammar(tools: dict[str, dict], added: dict[str, int], many: bool, lead: bool = True,
+                      rule: str = "start") -> str:
+    """Lark grammar of Step's XML tool calls of ``tools`` (``{name: parameters schema}``), rooted at ``rule``.
 
     Parameters come in the schema's ``properties`` order, required ones always, optional
     ones optionally; ``many``: one or more calls (a newline between two is optional: the
@@ -101,7 +102,7 @@ def tool_call_grammar(tools: dict[str, dict], added: dict[str, int], many: bool,
     (the one the template puts after ``</think>``).
     """
     calls = 'call ("\\n"? call)*' if many else "call"
-    lines = [("start: \"\\n\"? " if lead else "start: ") + calls,
+    lines = [f"{rule}: " + ('"\\n"? ' if lead else "") + calls,
              f'call: {_literal("<tool_call>", added)} "\\n" fn "</function>\\n" {_literal("</tool_call>", added)}',
              "fn: " + " | ".join(f"f{i}" for i in range(len(tools)))]
     for i, (name, schema) in enumerate(tools.items()):

@@ -52,17 +52,22 @@ def ll_tokenizer(tokenizer: Any, vocab_size: int, eos_ids: frozenset[int] | set[
     return hit[1]
 
 
-def json_grammar(schema: dict) -> str:
-    """Lark grammar: an optional newline (the one the template puts after ``</think>``), then the JSON value."""
-    return 'start: "\\n"? value\nvalue: ' + json_value(schema) + "\n"
+def json_grammar(schema: dict, calls: str | None = None) -> str:
+    """Lark grammar: an optional newline (the one the template puts after ``</think>``), then the JSON value
+    (or, with ``calls``, a grammar rooted at a ``calls`` rule, the value or those calls)."""
+    if calls is None:
+        return 'start: "\\n"? value\nvalue: ' + json_value(schema) + "\n"
+    return 'start: "\\n"? (value | calls)\nvalue: ' + json_value(schema) + "\n" + calls
 
 
 def grammar_text(constraint: Constraint, tokenizer: Any) -> str:
     """The llguidance (Lark) grammar of a constraint for this tokenizer (auto: the calls from the first opener on)."""
+    added = hf_tokenizer(tokenizer).get_added_vocab()
     if constraint.schema is not None:
-        return json_grammar(constraint.schema)
-    return tool_call_grammar(constraint.tools, hf_tokenizer(tokenizer).get_added_vocab(), constraint.many_calls,
-                             lead=not constraint.auto)
+        calls = tool_call_grammar(constraint.tools, added, constraint.many_calls, lead=False, rule="calls") \
+            if constraint.tools else None
+        return json_grammar(constraint.schema, calls)
+    return tool_call_grammar(constraint.tools, added, constraint.many_calls, lead=not constraint.auto)
 
 
 class GrammarProcessor:

@@ -44,6 +44,11 @@ def grammar_processor(constraint: Constraint, tokenizer: Any, *, vocab_size: int
         if constraint.auto:
             log.warning("tool_choice auto stays unconstrained: the tools' grammar does not compile: %s", error)
             return None
+        if constraint.schema is not None and constraint.tools:  # auto tools beside response_format: best effort
+            log.warning("tool calls beside response_format are not constrained (their grammar does not compile): "
+                        "%s", error)
+            return grammar_processor(Constraint(schema=constraint.schema), tokenizer, vocab_size=vocab_size,
+                                     eos_ids=eos_ids, start=start, reasoning=reasoning)
         raise ValueError(f"the {constraint.kind} constraint does not compile: {error}")
     if constraint.auto:
         return AutoToolProcessor(matcher, vocab_size, start, think_close, opener,

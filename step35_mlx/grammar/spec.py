@@ -24,7 +24,7 @@ from ..tool_calls import tool_schemas
 
 @dataclass(frozen=True)
 class Constraint:
-    """What the answer after ``</think>`` must be: JSON matching ``schema``, or calls of ``tools``.
+    """What the answer after ``</think>`` must be: JSON matching ``schema``, or calls of ``tools`` (both: either).
 
     ``tools``: ``{name: parameters schema}`` of the tools a call may use (in order);
     ``many_calls``: one or more calls (``required`` / ``any``), else exactly one (a named tool,
@@ -101,8 +101,8 @@ def constraint_for(response_format: Any = None, tools: list[dict] | None = None,
                    tool_choice: Any = None, parallel_tool_calls: bool | None = None) -> Constraint | None:
     """The constraint the options ask for (``None``: unconstrained). ``ValueError`` on bad options.
 
-    A forced tool call wins over ``response_format`` (the answer is then the call), which wins
-    over auto tool calls (a JSON answer cannot hold a call).
+    A forced tool call wins over ``response_format`` (the answer is then the call); with tools
+    under auto, ``response_format`` makes the answer either its JSON value or calls.
     """
     parallel = parallel_tool_calls is not False and not _disables_parallel(tool_choice)
     name = _forced_name(tool_choice)
@@ -116,13 +116,17 @@ def constraint_for(response_format: Any = None, tools: list[dict] | None = None,
             schemas = {name: schemas[name]}
         return Constraint(tools=schemas, many_calls=parallel and not name)
     json_constraint = _json_constraint(response_format)
-    if json_constraint is not None or not _is_auto(tool_choice) or importlib.util.find_spec("llguidance") is None:
+    if not _is_auto(tool_choice) or importlib.util.find_spec("llguidance") is None:
         return json_constraint
     try:
         schemas = {n: _parameters(t) for n, t in _tool_defs(tools).items()}
     except ValueError:  # auto is best effort: tools the grammar cannot describe stay unconstrained
-        return None
-    return Constraint(tools=schemas, many_calls=parallel, auto=True) if schemas else None
+        return json_constraint
+    if not schemas:
+        return json_constraint
+    if json_constraint is not None:  # the answer is the JSON value, or calls
+        return Constraint(schema=json_constraint.schema, tools=schemas, many_calls=parallel)
+    return Constraint(tools=schemas, many_calls=parallel, auto=True)
 
 
 def _is_auto(tool_choice: Any) -> bool:
