@@ -53,8 +53,8 @@ def ll_tokenizer(tokenizer: Any, vocab_size: int, eos_ids: frozenset[int] | set[
 
 
 def json_grammar(schema: dict, calls: str | None = None) -> str:
-    """Lark grammar: an optional newline (the one the template puts after ``</think>``), then the JSON value
-    (or, with ``calls``, a grammar rooted at a ``calls`` rule, the value or those calls)."""
+    """Lark grammar: an optional newline (the one the template puts after ``</think>``), then the JSON value;
+    with ``calls`` (a grammar whose root rule is ``calls``), the value or those calls."""
     if calls is None:
         return 'start: "\\n"? value\nvalue: ' + json_value(schema) + "\n"
     return 'start: "\\n"? (value | calls)\nvalue: ' + json_value(schema) + "\n" + calls
