@@ -1,6 +1,6 @@
 """Peak memory against context length, KV cache float / 8-bit / 4-bit, measured vs the planner.
 
-Builds the context by chunked prefill with the real model code (``generate.prefill``, one
+Builds the context by chunked prefill with the real model code (``decode.prefill``, one
 ``prefill_step`` chunk at a time) on a small model: on a GPU the bundled demo model
 (``step35_mlx/demo/model``: bf16 q4, head dim 32 so KV groups of 32, 4K positions -- longer
 contexts measure memory only); on CPU, or with ``--model synthetic``, a synthetic Step
@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mlx.core as mx  # noqa: E402
 
 from step35_mlx import plan as P  # noqa: E402
-from step35_mlx.generate import new_cache, prefill  # noqa: E402
+from step35_mlx.decode import new_cache, prefill  # noqa: E402
 from step35_mlx.hub import DEMO_DIR  # noqa: E402
 from step35_mlx.loader import load_model  # noqa: E402
 from step35_mlx.synthetic import tiny_config, write_hf_checkpoint  # noqa: E402

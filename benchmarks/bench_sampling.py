@@ -3,7 +3,7 @@
 
 Each setting is timed as the work a decode step adds after the logits exist:
 
-* ours: ``step35_mlx.sampling.sample_token(logits, params, key)`` (what ``generate.ar_tokens`` runs),
+* ours: ``step35_mlx.sampling.sample_token(logits, params, key)`` (what ``decode.ar_tokens`` runs),
 * mlx-lm: ``logits - logsumexp(logits)`` (``generate_step`` always does this) then
   ``mlx_lm.sample_utils.make_sampler(...)`` on the log-probabilities.
 

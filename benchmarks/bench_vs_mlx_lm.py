@@ -22,7 +22,7 @@ cached prefill of the benchmark prompt and the first decode block; the greedy
 tokens are compared too. Then, after a short warm-up, ``--repeats`` repeats of:
 
 * prefill: time to the first token of each project's own generator with a
-  2048-token prefill chunk (one chunk here). Ours: ``generate.ar_tokens``, run
+  2048-token prefill chunk (one chunk here). Ours: ``decode.ar_tokens``, run
   for real. mlx-lm: ``generate_step``'s prefill, mirrored (the prompt minus its
   last token through the cache with only the cache evaluated, then the last
   token). tok/s = prompt length / time to the first token. The models prefill
@@ -109,13 +109,13 @@ def cache_arrays(cache) -> list:
 
 
 def prefill_ours(model, prompt: mx.array, step: int):
-    """Our generator's own prefill: the first token out of ``generate.ar_tokens`` (greedy).
+    """Our generator's own prefill: the first token out of ``decode.ar_tokens`` (greedy).
 
     ``ar_tokens`` queues the next step before it yields, so that step (decode work) is
     waited for untimed and rolled back with ``trim(1)`` (exact in our caches); the plain
     decode loop then continues from the first token. Returns (cache, first token, wall s, CPU s).
     """
-    from step35_mlx.generate import ar_tokens
+    from step35_mlx.decode import ar_tokens
     from step35_mlx.sampling import SamplingParams
 
     cache = model.make_cache()

@@ -3,7 +3,7 @@
 Like ``llama-bench`` / ``mlx_lm.benchmark``: for each depth D the cache first holds D
 context tokens (prefilled untimed), then a P-token prompt is timed to its first token
 (``pp``, tokens/s) and the next N tokens are timed (``tg``, tokens/s; greedy, eos not
-honoured), with each project's own generator: ours ``generate.ar_tokens`` (or MTP
+honoured), with each project's own generator: ours ``decode.ar_tokens`` (or MTP
 ``speculative_tokens``), mlx-lm ``generate_step``. Token ids are random (seeded), the same
 for both. Repetitions of all engines are interleaved. Peak memory is each engine's own
 weights plus MLX's peak over its run minus the memory in use before it. Medians and
@@ -25,6 +25,8 @@ from typing import Any, Callable, Iterator, Sequence
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from .streams import usable_cores
+
 GREEDY_NOTE = "greedy, eos ignored"
 
 
@@ -35,9 +37,11 @@ class MachineInfo:
     cores: int
     mlx_version: str
     device: str
+    usable_cores: int = 0  # cores this process may run on (taskset, cgroups); 0 = unknown
 
     def line(self) -> str:
-        return (f"{self.chip}, {self.memory_gb:.0f} GB RAM, {self.cores} cores; "
+        usable = f" ({self.usable_cores} usable)" if 0 < self.usable_cores < self.cores else ""
+        return (f"{self.chip}, {self.memory_gb:.0f} GB RAM, {self.cores} cores{usable}; "
                 f"MLX {self.mlx_version} on {self.device}")
 
 
@@ -62,7 +66,7 @@ def machine_info() -> MachineInfo:
         mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
     except (ValueError, OSError, AttributeError):
         mem = 0.0
-    return MachineInfo(chip, mem, os.cpu_count() or 0, mx.__version__, str(mx.default_device()))
+    return MachineInfo(chip, mem, os.cpu_count() or 0, mx.__version__, str(mx.default_device()), usable_cores())
 
 
 @dataclass
@@ -174,7 +178,7 @@ def _weight_bytes(model: Any) -> int:
 def ours_engine(model: Any, settings: BenchSettings) -> Engine:
     """Our generators on ``model``: plain ``ar_tokens``, or MTP with ``settings.mtp`` drafts."""
     from .draft_vocab import default_draft_ids
-    from .generate import ar_tokens, prefill
+    from .decode import ar_tokens, prefill
     from .sampling import SamplingParams
     from .speculative import SpecStats, speculative_tokens
 

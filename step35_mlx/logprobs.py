@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import mlx.core as mx
 
-from .generate import new_cache
+from .decode import new_cache
 
 CHUNK = 256  # positions per forward: bounds the [T, vocab] logits held at once
 MAX_TOP = 20

@@ -19,7 +19,7 @@ from .layers.attention import Attention
 from .layers.mlp import MLP
 from .layers.moe import MoE
 from .layers.norms import ZeroCenteredRMSNorm
-from .streams import split_moe_ffn
+from .streams import split_dense_ffn, split_linear, split_moe_ffn
 
 DEFAULT_SLACK = 8
 MTP_HIDDEN_VARIANTS = ("pre_norm", "post_norm")
@@ -60,7 +60,7 @@ class DecoderLayer(nn.Module):
 
     def ffn(self, x: mx.array) -> mx.array:
         if not self.is_moe:
-            y = self.mlp(x)
+            y = self.mlp(x) if self.side_stream is None else split_dense_ffn(self.mlp, x, self.side_stream)
         elif self.side_stream is not None:
             y = split_moe_ffn(self, x, self.side_stream)
         else:
@@ -210,9 +210,12 @@ class Model(nn.Module):
 
         return shard_model(self, group or mx.distributed.init(), mode, split)
 
+    head_side_stream = None  # a second CPU stream for half the LM head's rows (``streams.use_two_streams``)
+
     def logits(self, hidden: mx.array) -> mx.array:
         """Final norm + LM head on a pre-norm hidden state."""
-        return self.lm_head(self.model.norm(hidden))
+        h = self.model.norm(hidden)
+        return self.lm_head(h) if self.head_side_stream is None else split_linear(self.lm_head, h, self.head_side_stream)
 
     def __call__(self, tokens: mx.array, cache: list | None = None,
                  input_embeddings: mx.array | None = None) -> mx.array:

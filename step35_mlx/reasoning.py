@@ -13,6 +13,8 @@ decided.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
 
@@ -20,7 +22,7 @@ THINK_CLOSE = "</think>"
 _CLOSE_PATTERNS = ("\n" + THINK_CLOSE, THINK_CLOSE)
 
 
-def _partial_suffix(text: str, patterns: tuple[str, ...]) -> int:
+def partial_suffix(text: str, patterns: Sequence[str]) -> int:
     """Length of the longest suffix of ``text`` that is a proper prefix of one of ``patterns``."""
     best = 0
     for p in patterns:
@@ -92,7 +94,7 @@ class ReasoningSplitter:
                     self._buf = buf[i + len(THINK_CLOSE):]
                     self._state = "after_close"
                     continue
-                hold = 0 if final else _partial_suffix(buf, _CLOSE_PATTERNS)
+                hold = 0 if final else partial_suffix(buf, _CLOSE_PATTERNS)
                 r_out.append(buf[: len(buf) - hold])
                 self._buf = buf[len(buf) - hold:]
                 break

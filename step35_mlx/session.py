@@ -41,10 +41,13 @@ from typing import Any, Iterator, Sequence
 import mlx.core as mx
 
 from .cache import SlidingKVCache, _parts
-from .generate import GenerationChunk, GenerationStats, Settings, new_cache, prefill, resolve_settings, run
+from .chunks import run
+from .decode import new_cache, prefill
 from .prefix_cache.snapshots import RingSnapshot, ring_max_back
 from .reasoning import split_reasoning
+from .results import GenerationChunk, GenerationStats
 from .session_file import SESSION_FORMAT, SESSION_VERSION, read_session_file, write_session_file
+from .settings import Settings, resolve_settings
 from .tool_calls import parse_tool_calls
 from .vision.inputs import FeatureCache, image_sources
 from .vision.inputs import prepare as prepare_images

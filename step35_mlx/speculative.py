@@ -284,7 +284,7 @@ def speculative_tokens(
 ) -> Iterator[int]:
     """Yield generated token ids, verifying ``depth`` MTP drafts per trunk forward.
 
-    Same protocol as plain decoding (``generate.ar_tokens``): ``prompt`` (1-D) is prefilled
+    Same protocol as plain decoding (``decode.ar_tokens``): ``prompt`` (1-D) is prefilled
     into ``cache``, whose earlier contents are ``history[:-len(prompt)]`` (default: none);
     ``on_prefilled`` runs once the prompt is in the cache. When the consumer stops, the
     cache holds the prompt and exactly the tokens yielded (rows verified past the last
@@ -350,7 +350,7 @@ def speculative_tokens(
 
 
 class MTPDecoder:
-    """A token generator (``generate.TokenGenerator`` protocol) that decodes with MTP drafts.
+    """A token generator (``decode.TokenGenerator`` protocol) that decodes with MTP drafts.
 
     Holds the acceptance statistics of its runs, for the stats line and ``tune``. Drafts use
     the reduced vocabulary stored with the model's folder when there is one (``draft_vocab.json``).

@@ -8,8 +8,8 @@ the main stream runs the first half; the expert outputs are concatenated back in
 routed order and summed exactly as in the one-stream path, so results are bit-identical.
 Prefill-sized steps (expert-sorted) only move the shared expert.
 
-Off by default and never switched on for the GPU (one Metal/CUDA stream already fills
-the device; not measured there): :func:`use_two_streams` turns it on for a model.
+Never switched on for the GPU (one Metal/CUDA stream already fills the device; not measured
+there): :func:`use_two_streams` turns it on for a model, :func:`choose_streams` is the CLI's rule.
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ import threading
 from typing import Any
 
 import mlx.core as mx
+import mlx.nn as nn
 
+from .layers.mlp import clamped_swiglu
 from .layers.moe import SORT_THRESHOLD
 
 
@@ -36,49 +38,103 @@ class SideStream:
             stream = self._local.stream = mx.new_stream(mx.cpu)
         return stream
 
+    def linear(self, linear: nn.Module, x: mx.array) -> mx.array:
+        """``linear(x)`` with half its output features on this stream (:func:`split_linear`); lets the
+        layers split their projections without importing this module."""
+        return split_linear(linear, x, self)
+
 
 def split_moe_ffn(layer: Any, x: mx.array, side_stream: SideStream) -> mx.array:
-    """``layer.moe(x) + layer.share_expert(x)`` with half the experts and the shared expert on a side stream."""
+    """``layer.moe(x) + layer.share_expert(x)`` over two streams.
+
+    Decode and verify rows: the side stream runs the shared expert's gate and up projections, then
+    the second half of the selected experts; the main stream the router, the first half and the
+    shared expert's down projection (about equal work). Prefill-sized steps (expert-sorted) only
+    move the shared expert.
+    """
     side = side_stream.get()
-    moe = layer.moe
+    moe, share = layer.moe, layer.share_expert
     idx, w = moe.route_observed(x)
     if idx.size >= SORT_THRESHOLD or moe.top_k < 2:
         with mx.stream(side):
-            shared = layer.share_expert(x)
-        y = moe.experts(x, idx)
-    else:
-        h = moe.top_k // 2
-        with mx.stream(side):
-            shared = layer.share_expert(x)
-            y_side = moe.experts(x, idx[..., h:])
-        y = mx.concatenate([moe.experts(x, idx[..., :h]), y_side], axis=-2)
-    return moe.combine(y, w, x.dtype) + shared
+            shared = share(x)
+        return moe.combine(moe.experts(x, idx), w, x.dtype) + shared
+    h = moe.top_k // 2
+    with mx.stream(side):
+        act = clamped_swiglu(share.gate_proj(x), share.up_proj(x), share.limit)
+        y_side = moe.experts(x, idx[..., h:])
+    y = mx.concatenate([moe.experts(x, idx[..., :h]), y_side], axis=-2)
+    return moe.combine(y, w, x.dtype) + share.down_proj(act)
 
 
-def default_two_streams() -> bool:
-    """Whether two streams can help here: the CPU device, and more than one of this process's cores free.
+def split_dense_ffn(mlp: nn.Module, x: mx.array, side_stream: SideStream) -> mx.array:
+    """A dense layer's ``mlp(x)``: the up projection beside the gate projection, then half the down projection's rows on the side stream."""
+    with mx.stream(side_stream.get()):
+        up = mlp.up_proj(x)
+    return split_linear(mlp.down_proj, clamped_swiglu(mlp.gate_proj(x), up, mlp.limit), side_stream)
 
-    Free = usable cores minus the 1-minute load average. On a busy machine the second stream
-    finds no idle core and only adds synchronisation (measured: decode per CPU-second 0.9x).
+
+def split_linear(linear: nn.Module, x: mx.array, side_stream: SideStream) -> mx.array:
+    """``linear(x)`` with the second half of its output features computed on the side stream.
+
+    Only for affine-quantized layers, whose kernel computes every output feature as the same
+    dot product whatever rows it is given, so the result is bit-identical (tested); any other
+    layer runs whole on the current stream.
     """
-    if mx.default_device() != mx.cpu:
-        return False
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        load = os.getloadavg()[0]
-    except (OSError, AttributeError):
-        load = 0.0
-    return cores >= 2 and cores - load > 1
+    if not isinstance(linear, nn.QuantizedLinear) or linear.mode != "affine" or "bias" in linear:
+        return linear(x)
+    w, scales, biases = linear["weight"], linear["scales"], linear["biases"]
+    half = w.shape[0] // 2
+
+    def rows(part: slice) -> mx.array:
+        return mx.quantized_matmul(x, w[part], scales=scales[part], biases=biases[part], transpose=True,
+                                   group_size=linear.group_size, bits=linear.bits)
+
+    with mx.stream(side_stream.get()):
+        upper = rows(slice(half, None))
+    return mx.concatenate([rows(slice(0, half)), upper], axis=-1)
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def choose_streams(requested: int | None, tuned: int | None = None) -> int:
+    """How many CPU streams decode uses: ``requested`` (``--streams``), else what ``tune`` measured
+    faster for this model (``tuned``), else 2 on the CPU device with two or more cores, else 1.
+
+    Always 1 off the CPU device (one Metal/CUDA stream already fills the GPU; not measured there).
+    The default does not look at the machine's load: a busy machine is what ``tune`` and
+    ``--streams 1`` are for (measured here: with the second core busy, two streams decode 0.9x
+    per CPU-second).
+    """
+    on_cpu = mx.default_device() == mx.cpu
+    if requested is not None:
+        if requested not in (1, 2):
+            raise ValueError(f"--streams must be 1 or 2, not {requested}")
+        if requested == 2 and not on_cpu:
+            raise ValueError("--streams 2 is for the CPU device (one GPU stream already fills the GPU)")
+        return requested
+    if not on_cpu:
+        return 1
+    if tuned in (1, 2):
+        return tuned
+    return 2 if usable_cores() >= 2 else 1
 
 
 def use_two_streams(model: Any, enable: bool = True) -> bool:
-    """Split each MoE layer's decode work over two CPU streams (``enable=False`` restores one).
+    """Split each step's work over two CPU streams (``enable=False`` restores one).
 
-    Returns whether the split is on: only when the default device is the CPU.
+    What runs on the side stream: K, V and the gate of every attention layer, the up projection
+    and half the down projection's rows of a dense layer, half the routed experts and the shared
+    expert of a MoE layer, half the LM head's rows. Returns whether the split is on: only when the
+    default device is the CPU.
     """
     on = enable and mx.default_device() == mx.cpu
     side = SideStream() if on else None
     for layer in list(model.layers) + list(getattr(model.model, "mtp", [])):
-        if getattr(layer, "is_moe", False):
-            layer.side_stream = side
+        layer.side_stream = side
+        layer.self_attn.side_stream = side
+    model.head_side_stream = side
     return on

@@ -9,15 +9,17 @@ choice is stored by :mod:`step35_mlx.tuned`, and ``generate``/``chat`` use it wh
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Sequence
 
 import mlx.core as mx
 
 from .costs import RoutingRecorder, decode_cost, mtp_draft_bytes
-from .generate import ar_tokens
+from .decode import ar_tokens
 from .model import Model
 from .sampling import SamplingParams
 from .speculative import SpecStats, speculative_tokens
+from .streams import use_two_streams
 from .tuned import TuneResult
 
 TUNE_PROMPT = (
@@ -85,6 +87,38 @@ def measure(model: Model, prompt: Sequence[int], n_tokens: int = 128, depths: Se
         ordered = sorted(runs[d], key=lambda x: x.tokens_per_s)
         results.append(ordered[len(ordered) // 2])
     return results
+
+
+@dataclass
+class StreamsResult:
+    """Plain greedy decode speed on one and on two CPU streams (medians of interleaved repeats)."""
+
+    one: float  # tokens/s
+    two: float
+
+    @property
+    def winner(self) -> int:
+        return 2 if self.two > self.one else 1
+
+
+def measure_streams(model: Model, prompt: Sequence[int], n_tokens: int = 128, repeats: int = 1) -> StreamsResult:
+    """Plain decoding on one stream vs two (``streams.use_two_streams``), interleaved; the greedy
+    tokens must agree. Leaves the model on one stream; the caller switches on the winner."""
+    speeds: dict[int, list[float]] = {1: [], 2: []}
+    reference = None
+    try:
+        for r in range(repeats):
+            for n in (1, 2) if r % 2 == 0 else (2, 1):
+                use_two_streams(model, n == 2)
+                out, res = measure_one(model, prompt, 0, n_tokens, seed=r)
+                reference = reference or out
+                if out != reference:
+                    raise RuntimeError("two CPU streams produced different greedy tokens than one")
+                speeds[n].append(res.tokens_per_s)
+    finally:
+        use_two_streams(model, False)
+    med = {n: sorted(v)[len(v) // 2] for n, v in speeds.items()}
+    return StreamsResult(med[1], med[2])
 
 
 def best(results: Sequence[TuneResult]) -> TuneResult:

@@ -46,11 +46,17 @@ def _read(store: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def save_choice(path: str | Path, result: TuneResult, store: Path | None = None) -> None:
-    """Record the winner for this model (atomic write) in ``store`` (default ``TUNE_FILE``)."""
+def save_choice(path: str | Path, result: TuneResult, store: Path | None = None, streams: int | None = None) -> None:
+    """Record the winner for this model (atomic write) in ``store`` (default ``TUNE_FILE``).
+
+    ``streams``: the CPU stream count that decoded faster here (1 or 2), when it was measured.
+    """
     store = store or TUNE_FILE
     data = _read(store)
-    data[model_key(path)] = {**asdict(result), "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
+    entry = {**asdict(result), "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if streams is not None:
+        entry["streams"] = streams
+    data[model_key(path)] = entry
     store.parent.mkdir(parents=True, exist_ok=True)
     tmp = store.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2))
@@ -62,3 +68,10 @@ def load_choice(path: str | Path, store: Path | None = None) -> int | None:
     entry = _read(store or TUNE_FILE).get(model_key(path))
     depth = entry.get("depth") if isinstance(entry, dict) else None
     return depth if isinstance(depth, int) and not isinstance(depth, bool) and 0 <= depth <= 3 else None
+
+
+def load_streams(path: str | Path, store: Path | None = None) -> int | None:
+    """The CPU stream count ``tune`` measured faster for this model here (1 or 2), or None if not measured."""
+    entry = _read(store or TUNE_FILE).get(model_key(path))
+    streams = entry.get("streams") if isinstance(entry, dict) else None
+    return streams if streams in (1, 2) and not isinstance(streams, bool) else None

@@ -8,10 +8,16 @@ and the Hub is offline.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,6 +50,47 @@ def start_cli(args: list[str], home: Path) -> subprocess.Popen:
     home.mkdir(parents=True, exist_ok=True)
     return subprocess.Popen(command() + list(args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             cwd=str(home), env=cli_env(home))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Serving:
+    """A running ``step35-mlx serve``: its ``base`` URL and its first ``/health`` reply."""
+
+    proc: subprocess.Popen
+    base: str
+    health: dict
+
+    def stop(self) -> str:
+        """Terminate the server; its whole output (stdout and stderr)."""
+        self.proc.terminate()
+        return self.proc.communicate(timeout=30)[0]
+
+
+def start_serve(args: list[str], home: Path, *, within: float = 90) -> Serving:
+    """``step35-mlx serve ARGS`` on a free loopback port, once ``/health`` answers (killed if it does not)."""
+    port = free_port()
+    proc = start_cli(["serve", *args, "--port", str(port)], home)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + within
+    try:
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=2) as resp:
+                    return Serving(proc, base, json.loads(resp.read()))
+            except (urllib.error.URLError, ConnectionError):
+                assert time.monotonic() < deadline, f"serve did not answer /health within {within:g} s"
+                time.sleep(0.2)
+    except BaseException:
+        proc.kill()
+        proc.communicate(timeout=30)
+        raise
 
 
 def one_error_line(r: subprocess.CompletedProcess, code: int = 2) -> str:

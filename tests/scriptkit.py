@@ -9,13 +9,12 @@ continues through the real sampler, grammar mask and tool-call parser.
 
 from __future__ import annotations
 
-import importlib
 import math
 from typing import Any
 
 import mlx.core as mx
 
-generate_mod = importlib.import_module("step35_mlx.generate")  # the package exports a function `generate`
+from step35_mlx import chunks, decode
 
 
 class Prefix:
@@ -36,7 +35,7 @@ class Prefix:
 def force_prefix(monkeypatch: Any, tokenizer: Any, text: str) -> list[int]:
     """Every generation (until the monkeypatch is undone) starts with ``text``; returns its token ids."""
     script = tokenizer.encode(text, add_special_tokens=False)
-    real = generate_mod.token_generator
+    real = decode.token_generator
 
     def chooser(*args: Any, **kwargs: Any) -> Any:
         inner = real(*args, **kwargs)
@@ -47,5 +46,5 @@ def force_prefix(monkeypatch: Any, tokenizer: Any, text: str) -> list[int]:
 
         return gen
 
-    monkeypatch.setattr(generate_mod, "token_generator", chooser)
+    monkeypatch.setattr(chunks, "token_generator", chooser)  # `run` looks it up in chunks
     return script

@@ -1,8 +1,8 @@
-"""A live server on a free loopback port for the HTTP tests (uvicorn in a thread, stopped and closed after)."""
+"""A live server on a free loopback port for the HTTP tests (uvicorn in a thread, stopped and closed after),
+the demo model served that way, and SDK clients for it."""
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from contextlib import contextmanager
@@ -10,11 +10,7 @@ from typing import Any, Iterator
 
 import uvicorn
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from clirun import free_port
 
 
 @contextmanager
@@ -34,3 +30,32 @@ def live_server(app: Any) -> Iterator[str]:
         srv.should_exit = True
         t.join(10)
         app.state.engine.close()
+
+
+@contextmanager
+def demo_server(api_key: str, **options: Any) -> Iterator[dict]:
+    """The bundled demo model served live as ``step-demo``: ``{"url", "app", "tok", "model"}``.
+
+    ``options`` go to ``create_app`` (``max_queue``, ``max_context``...).
+    """
+    from step35_mlx.loader import load
+    from step35_mlx.server import create_app
+
+    model, tok = load("demo")
+    app = create_app(model, tok, model_name="step-demo", api_key=api_key, **options)
+    with live_server(app) as url:
+        yield {"url": url, "app": app, "tok": tok, "model": model}
+
+
+def openai_client(url: str, api_key: str) -> Any:
+    """An OpenAI SDK client for the server at ``url``: no retries, 60 s timeout."""
+    import openai
+
+    return openai.OpenAI(base_url=url + "/v1", api_key=api_key, max_retries=0, timeout=60)
+
+
+def anthropic_client(url: str, api_key: str) -> Any:
+    """An Anthropic SDK client for the server at ``url``: no retries, 60 s timeout."""
+    import anthropic
+
+    return anthropic.Anthropic(base_url=url, api_key=api_key, max_retries=0, timeout=60)

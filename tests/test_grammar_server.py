@@ -13,9 +13,7 @@ anthropic = pytest.importorskip("anthropic")
 uvicorn = pytest.importorskip("uvicorn")
 pydantic = pytest.importorskip("pydantic")
 
-from step35_mlx.loader import load  # noqa: E402
-from step35_mlx.server import create_app  # noqa: E402
-from serverkit import live_server  # noqa: E402
+from serverkit import anthropic_client, demo_server, openai_client  # noqa: E402
 
 KEY = "test-key"
 ASK = [{"role": "user", "content": "Give me a pet as JSON"}]
@@ -33,14 +31,12 @@ class Pet(pydantic.BaseModel):
 
 @pytest.fixture(scope="module")
 def server():
-    model, tok = load("demo")
-    app = create_app(model, tok, model_name="step-demo", api_key=KEY, max_queue=8)
-    with live_server(app) as url:
-        yield url
+    with demo_server(KEY, max_queue=8) as s:
+        yield s["url"]
 
 
 def test_openai_parse_helper_gets_a_valid_object(server):
-    oa = openai.OpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0, timeout=60)
+    oa = openai_client(server, KEY)
     answered = 0
     for seed in SEEDS:
         r = oa.chat.completions.parse(model="step-demo", messages=ASK, response_format=Pet, seed=seed,
@@ -56,7 +52,7 @@ def test_openai_parse_helper_gets_a_valid_object(server):
 
 
 def test_openai_required_tool_choice_forces_a_valid_call(server):
-    oa = openai.OpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0, timeout=60)
+    oa = openai_client(server, KEY)
     called = 0
     for seed in SEEDS:
         r = oa.chat.completions.create(model="step-demo", messages=[{"role": "user", "content": "Weather in Paris?"}],
@@ -81,7 +77,7 @@ def test_openai_required_tool_choice_forces_a_valid_call(server):
 
 
 def test_anthropic_named_tool_choice_forces_that_tool(server):
-    an = anthropic.Anthropic(base_url=server, api_key=KEY, max_retries=0, timeout=60)
+    an = anthropic_client(server, KEY)
     tool = {"name": "get_weather", "description": "Weather for a city",
             "input_schema": WEATHER["function"]["parameters"]}
     clock = {"name": "get_time", "input_schema": {"type": "object", "properties": {}}}
@@ -97,7 +93,7 @@ def test_anthropic_named_tool_choice_forces_that_tool(server):
 
 
 def test_bad_response_format_is_a_400(server):
-    oa = openai.OpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0, timeout=60)
+    oa = openai_client(server, KEY)
     with pytest.raises(openai.BadRequestError, match="response_format type"):
         oa.chat.completions.create(model="step-demo", messages=ASK, max_tokens=4,
                                    response_format={"type": "xml"})  # type: ignore[arg-type]
@@ -105,7 +101,7 @@ def test_bad_response_format_is_a_400(server):
 
 def test_responses_text_format_gets_a_valid_object(server):
     """The Responses API's ``text.format`` json_schema goes through the same grammar (the SDK's parse helper)."""
-    oa = openai.OpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0, timeout=60)
+    oa = openai_client(server, KEY)
     answered = 0
     for seed in SEEDS:
         r = oa.responses.parse(model="step-demo", input=ASK[0]["content"], text_format=Pet, temperature=1.0,

@@ -11,6 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from step35_mlx import plan as P
+from step35_mlx.plan import load_check, machine as machine_mod
 from step35_mlx.cli import app
 from step35_mlx.data import release_config
 from step35_mlx.loader import load_model
@@ -174,9 +175,9 @@ def test_mac_rule_and_verdicts():
 def test_set_wired_limit_is_capped_and_mac_only(monkeypatch):
     assert sys.platform == "darwin" or P.set_wired_limit(10 * P.GiB) is None
     calls = []
-    monkeypatch.setattr(P.sys, "platform", "darwin")
-    monkeypatch.setattr(P, "_metal_available", lambda: True)
-    monkeypatch.setattr(P, "_device_info", lambda: {"max_recommended_working_set_size": 96 * P.GiB})
+    monkeypatch.setattr(machine_mod.sys, "platform", "darwin")
+    monkeypatch.setattr(machine_mod, "_metal_available", lambda: True)
+    monkeypatch.setattr(machine_mod, "_device_info", lambda: {"max_recommended_working_set_size": 96 * P.GiB})
     monkeypatch.setattr(mx, "set_wired_limit", lambda n: calls.append(n) or 0)
     P.set_wired_limit(120 * P.GiB)
     P.set_wired_limit(50 * P.GiB)
@@ -259,7 +260,7 @@ def test_check_fit_options_each_fit_on_simulated_machines(release, monkeypatch):
 def test_preflight_picks_context_and_refuses_small_machines(tiny, monkeypatch):
     path, cfg, _ = tiny
     wired = []
-    monkeypatch.setattr(P, "set_wired_limit", lambda n: wired.append(n))
+    monkeypatch.setattr(load_check, "set_wired_limit", lambda n: wired.append(n))
     big = P.MachineMemory(64 * P.GiB, 32 * P.GiB, "test", "mac", "big Mac")
     p = P.preflight(path, machine=big)
     assert p.context == cfg["max_position_embeddings"] and wired == [p.total]

@@ -4,6 +4,7 @@ import mlx.core as mx
 from typer.testing import CliRunner
 
 from step35_mlx import plan as P
+from step35_mlx.plan import load_check
 from step35_mlx.cli import app
 from step35_mlx.costs import nbytes
 from step35_mlx.loader import load_model
@@ -25,7 +26,7 @@ def test_load_model_without_mtp_reads_no_mtp_tensors(tmp_path):
 
 def test_cli_refuses_a_model_that_does_not_fit(tmp_path, monkeypatch):
     write_hf_checkpoint(tmp_path / "m", tiny_config())
-    monkeypatch.setattr(P, "machine_memory", lambda: P.MachineMemory(10**6, 10**6, "test", "linux", "tiny box"))
+    monkeypatch.setattr(load_check, "machine_memory", lambda: P.MachineMemory(10**6, 10**6, "test", "linux", "tiny box"))
     r = CliRunner().invoke(app, ["generate", "--model", str(tmp_path / "m"), "--prompt", "hi"])
     assert r.exit_code == 2 and r.output.startswith("error:") and "tiny box" in r.output, r.output
 
@@ -35,7 +36,7 @@ def test_cli_limits_the_context_to_what_fits(tmp_path, monkeypatch):
     (tmp_path / "m" / "tokenizer.json").write_text("{}")  # never read: the check comes first
     need = P.preflight(tmp_path / "m", context=4096, wire=False).total
     box = P.MachineMemory(need - 1, need - 1, "test", "linux", "box")
-    monkeypatch.setattr(P, "machine_memory", lambda: box)
+    monkeypatch.setattr(load_check, "machine_memory", lambda: box)
     p = P.preflight(tmp_path / "m", machine=box, min_context=1000, wire=False)
     assert 1000 <= p.context < 4096
 

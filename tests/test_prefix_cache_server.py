@@ -3,28 +3,20 @@
 from __future__ import annotations
 
 import json
-import socket
-import threading
-import time
-import urllib.error
 import urllib.request
 
 import pytest
 
 from chatkit import chat_model, chat_model_dir
-from clirun import one_error_line, run_cli, start_cli
+from clirun import Serving, one_error_line, run_cli, start_serve
 from step35_mlx.prefix_cache import PrefixCache
 from step35_mlx.session import ChatSession
 
 pytest.importorskip("uvicorn")
 
+from serverkit import live_server  # noqa: E402  (needs uvicorn)
+
 SYSTEM = "You are helpful. The weather in Paris is sunny today, 21 degrees."
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _post(base: str, path: str, body: dict) -> tuple[dict, dict]:
@@ -33,33 +25,15 @@ def _post(base: str, path: str, body: dict) -> tuple[dict, dict]:
         return json.loads(resp.read()), dict(resp.headers)
 
 
-class Server:
-    def __init__(self, home, cache_dir, *extra: str) -> None:
-        self.port = _free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.proc = start_cli(["serve", "--model", str(chat_model_dir()), "--port", str(self.port),
-                               "--cache-ram", "200KB", "--cache-disk", "20MB", "--cache-dir", str(cache_dir),
-                               *extra], home)
-        deadline = time.monotonic() + 90
-        while True:
-            assert self.proc.poll() is None, self.proc.stdout.read()
-            try:
-                with urllib.request.urlopen(self.base + "/health", timeout=2) as resp:
-                    self.health = json.loads(resp.read())
-                return
-            except (urllib.error.URLError, ConnectionError):
-                assert time.monotonic() < deadline, "serve did not answer /health within 90 s"
-                time.sleep(0.2)
-
-    def stop(self) -> str:
-        self.proc.terminate()
-        return self.proc.communicate(timeout=30)[0]
+def serve_with_disk_cache(home, cache_dir) -> Serving:
+    return start_serve(["--model", str(chat_model_dir()), "--cache-ram", "200KB", "--cache-disk", "20MB",
+                        "--cache-dir", str(cache_dir)], home)
 
 
 def test_restarted_server_serves_the_next_turn_from_disk(tmp_path):
     home, cache_dir = tmp_path / "home", tmp_path / "kv"
     first = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "What is a list in Python?"}]
-    srv = Server(home, cache_dir)
+    srv = serve_with_disk_cache(home, cache_dir)
     try:
         body, headers = _post(srv.base, "/v1/chat/completions",
                               {"model": "m", "messages": first, "max_tokens": 12, "temperature": 0})
@@ -73,7 +47,7 @@ def test_restarted_server_serves_the_next_turn_from_disk(tmp_path):
 
     history = first + [{"role": "assistant", "content": reply["content"]},
                        {"role": "user", "content": "And a tuple?"}]
-    srv = Server(home, cache_dir)
+    srv = serve_with_disk_cache(home, cache_dir)
     try:
         assert srv.health["prefix_cache"]["disk_entries"] >= 2 and srv.health["prefix_cache"]["ram_entries"] == 0
         anth, headers = _post(srv.base, "/v1/messages", {"model": "m", "system": SYSTEM, "messages": history[1:],
@@ -120,7 +94,6 @@ def test_plan_counts_the_ram_budget(tmp_path):
 
 
 def test_concurrent_clients_share_the_cache_and_get_cold_answers():
-    import uvicorn
     from concurrent.futures import ThreadPoolExecutor
 
     from step35_mlx.server import create_app
@@ -128,13 +101,6 @@ def test_concurrent_clients_share_the_cache_and_get_cold_answers():
     model, tok = chat_model()
     app = create_app(model, tok, model_name="m", max_queue=8,
                      prefix_cache=PrefixCache(model, ram_bytes=10**7, block_size=16))
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    t = threading.Thread(target=srv.run, daemon=True)
-    t.start()
-    while not srv.started:
-        time.sleep(0.05)
-    base = f"http://127.0.0.1:{port}"
     convs = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"Question {k}: what is a list?"}]
              for k in range(3)]
     head = len(tok.apply_chat_template(convs[0][:1], add_generation_prompt=False))
@@ -150,7 +116,7 @@ def test_concurrent_clients_share_the_cache_and_get_cold_answers():
             pass
         return fresh.messages[-1]["content"]
 
-    try:
+    with live_server(app) as base:
         with ThreadPoolExecutor(3) as pool:
             first = list(pool.map(ask, convs))
             assert sorted(u["prompt_tokens_details"]["cached_tokens"] for _, u in first) == [0, head, head]
@@ -164,10 +130,6 @@ def test_concurrent_clients_share_the_cache_and_get_cold_answers():
         with urllib.request.urlopen(base + "/health", timeout=5) as resp:
             # two system-prompt hits, then at least two second turns the session's own cache could not serve
             assert json.loads(resp.read())["prefix_cache"]["hits"] >= 4
-    finally:
-        srv.should_exit = True
-        t.join(10)
-        app.state.engine.close()
 
 
 def test_chat_persists_through_the_disk_cache(tmp_path):

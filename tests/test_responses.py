@@ -11,16 +11,15 @@ try:  # the openai client brings httpx2 (or httpx, in older releases)
     import httpx2 as httpx
 except ImportError:  # pragma: no cover
     import httpx
-import mlx.core as mx
 import pytest
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
-from step35_mlx.loader import load  # noqa: E402
 from step35_mlx.prefix_cache import PrefixCache  # noqa: E402
 from step35_mlx.server import create_app  # noqa: E402
-from serverkit import live_server  # noqa: E402
+from serverkit import demo_server, live_server, openai_client  # noqa: E402
+import scripted  # noqa: E402
 from step35_mlx.server.errors import APIError  # noqa: E402
 from step35_mlx.server.responses import ResponseStore, input_messages  # noqa: E402
 
@@ -41,35 +40,21 @@ CODEX = json.loads((Path(__file__).parent / "data" / "codex_responses.json").rea
 
 @pytest.fixture(scope="module")
 def server():
-    model, tok = load("demo")
-    app = create_app(model, tok, model_name="step-demo", api_key=KEY, max_queue=8)
-    with live_server(app) as url:
-        yield {"url": url, "app": app, "tok": tok, "model": model}
+    with demo_server(KEY, max_queue=8) as s:
+        yield s
 
 
 @pytest.fixture
 def oa(server):
-    return openai.OpenAI(base_url=server["url"] + "/v1", api_key=KEY, max_retries=0, timeout=60)
+    return openai_client(server["url"], KEY)
 
 
 @pytest.fixture
 def script(monkeypatch, server):
     """``script(text)``: the model 'generates' ``text`` then eos (run through the cache, so it stays exact)."""
-    tok = server["tok"]
-
     def use(text: str, fail: bool = False) -> list[int]:
-        ids = tok.encode(text, add_special_tokens=False) + [sorted(tok.eos_token_ids or [2])[0]]
-
-        def scripted(model, cache, prompt, params, *, key, logits_processors, prefill_step, on_prefilled=None):
-            generate_mod.prefill(model, cache, prompt, prefill_step)
-            if on_prefilled is not None:
-                on_prefilled()
-            generate_mod.prefill(model, cache, mx.array(ids), prefill_step)
-            yield from ids[:3] if fail else ids
-            if fail:
-                raise RuntimeError("the device went away")
-
-        monkeypatch.setattr(generate_mod, "token_generator", lambda *a, **k: scripted)
+        ids = scripted.reply_ids(server["tok"], text)
+        scripted.use(monkeypatch, scripted.scripted(ids, fail_after=3 if fail else None))
         return ids
 
     return use
@@ -272,7 +257,7 @@ def test_cached_tokens_come_from_the_prefix_cache(server):
     model, tok = server["model"], server["tok"]
     app = create_app(model, tok, model_name="m", prefix_cache=PrefixCache(model, ram_bytes=10**7, block_size=16))
     with live_server(app) as url:
-        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
+        client = openai_client(url, "none")
         kw = dict(model="m", instructions="Answer in one word.", max_output_tokens=4, temperature=0)
         first = [client.responses.create(input=f"Question {k}: name a fruit.", **kw) for k in range(2)]
         # the session now holds conversation 1; conversation 0's first turn comes from the prefix cache

@@ -11,16 +11,14 @@ try:  # the openai/anthropic clients bring httpx2 (or httpx, in older releases)
     import httpx2 as httpx
 except ImportError:  # pragma: no cover
     import httpx
-import mlx.core as mx
 import pytest
 
 openai = pytest.importorskip("openai")
 anthropic = pytest.importorskip("anthropic")
 uvicorn = pytest.importorskip("uvicorn")
 
-from step35_mlx.loader import load  # noqa: E402
-from step35_mlx.server import create_app  # noqa: E402
-from serverkit import live_server  # noqa: E402
+from serverkit import anthropic_client, demo_server, openai_client  # noqa: E402
+import scripted  # noqa: E402
 
 generate_mod = importlib.import_module("step35_mlx.generate")  # the package exports a function `generate`
 
@@ -38,37 +36,25 @@ RECORDED = ("Use the tool.\n</think>\n"
 
 @pytest.fixture(scope="module")
 def server():
-    model, tok = load("demo")
-    app = create_app(model, tok, model_name="step-demo", api_key=KEY, max_queue=8)
-    with live_server(app) as url:
-        yield {"url": url, "app": app, "tok": tok, "model": model}
+    with demo_server(KEY, max_queue=8) as s:
+        yield s
 
 
 @pytest.fixture
 def oa(server):
-    return openai.OpenAI(base_url=server["url"] + "/v1", api_key=KEY, max_retries=0, timeout=60)
+    return openai_client(server["url"], KEY)
 
 
 @pytest.fixture
 def an(server):
-    return anthropic.Anthropic(base_url=server["url"], api_key=KEY, max_retries=0, timeout=60)
+    return anthropic_client(server["url"], KEY)
 
 
 @pytest.fixture
 def recorded(monkeypatch, server):
     """Make the model 'generate' RECORDED, then eos (run through the cache, so the cache stays exact)."""
-    tok = server["tok"]
-    script = tok.encode(RECORDED, add_special_tokens=False) + [sorted(tok.eos_token_ids or [2])[0]]
-
-    def scripted(model, cache, prompt, params, *, key, logits_processors, prefill_step, on_prefilled=None):
-        generate_mod.prefill(model, cache, prompt, prefill_step)
-        if on_prefilled is not None:
-            on_prefilled()
-        # the whole reply in one forward: the cache may run ahead of the yielded tokens (the contract allows it)
-        generate_mod.prefill(model, cache, mx.array(script), prefill_step)
-        yield from script
-
-    monkeypatch.setattr(generate_mod, "token_generator", lambda *a, **k: scripted)
+    script = scripted.reply_ids(server["tok"], RECORDED)
+    scripted.use(monkeypatch, scripted.scripted(script))
     return script
 
 
@@ -76,18 +62,7 @@ def recorded(monkeypatch, server):
 def endless(monkeypatch, server):
     """A model that never stops by itself (one token every 20 ms, fed through the cache)."""
     tok = server["tok"].encode(" la", add_special_tokens=False)[-1]
-
-    def forever(model, cache, prompt, params, *, key, logits_processors, prefill_step, on_prefilled=None):
-        generate_mod.prefill(model, cache, prompt, prefill_step)
-        if on_prefilled is not None:
-            on_prefilled()
-        while True:
-            generate_mod.last_logits(model, mx.array([[tok]]), cache)
-            generate_mod._eval_cache(cache)
-            time.sleep(0.02)
-            yield tok
-
-    monkeypatch.setattr(generate_mod, "token_generator", lambda *a, **k: forever)
+    scripted.use(monkeypatch, scripted.endless(tok, delay=0.02))
 
 
 def _prompt_len(server, messages, tools=None) -> int:
@@ -450,7 +425,7 @@ def test_deep_nesting_is_400_and_internal_errors_keep_their_text(server, monkeyp
     def broken(*a, **k):
         raise TypeError("key(): incompatible function arguments")
 
-    monkeypatch.setattr(generate_mod, "token_generator", lambda *a, **k: broken)
+    scripted.use(monkeypatch, broken)
     with pytest.raises(openai.BadRequestError) as e:
         oa.chat.completions.create(model="m", max_tokens=3, messages=[{"role": "user", "content": "hi"}])
     assert "incompatible" not in str(e.value.body) and "key()" not in str(e.value.body)

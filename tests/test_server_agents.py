@@ -10,16 +10,14 @@ try:
     import httpx2 as httpx
 except ImportError:  # pragma: no cover
     import httpx
-import mlx.core as mx
 import pytest
 
 openai = pytest.importorskip("openai")
 anthropic = pytest.importorskip("anthropic")
 uvicorn = pytest.importorskip("uvicorn")
 
-from step35_mlx.loader import load  # noqa: E402
-from step35_mlx.server import create_app  # noqa: E402
-from serverkit import live_server  # noqa: E402
+from serverkit import anthropic_client, demo_server, openai_client  # noqa: E402
+import scripted  # noqa: E402
 from step35_mlx.server.messages import anthropic_messages, openai_messages  # noqa: E402
 from step35_mlx.server.schemas import AnthRequest, OAIChatRequest  # noqa: E402
 from step35_mlx.thinking import EFFORT_BUDGETS  # noqa: E402
@@ -86,51 +84,30 @@ OPENCODE = {
 
 @pytest.fixture(scope="module")
 def server():
-    model, tok = load("demo")
-    app = create_app(model, tok, model_name="step-demo", api_key=KEY, max_context=CONTEXT)
-    with live_server(app) as url:
-        yield {"url": url, "app": app, "tok": tok, "model": model}
+    with demo_server(KEY, max_context=CONTEXT) as s:
+        yield s
 
 
 @pytest.fixture
 def oa(server):
-    return openai.OpenAI(base_url=server["url"] + "/v1", api_key=KEY, max_retries=0, timeout=60)
+    return openai_client(server["url"], KEY)
 
 
 @pytest.fixture
 def an(server):
-    return anthropic.Anthropic(base_url=server["url"], api_key=KEY, max_retries=0, timeout=60)
+    return anthropic_client(server["url"], KEY)
 
 
 def _script(monkeypatch, tok, text: str) -> None:
     """The model 'generates' ``text`` then eos (fed through the cache, so the cache stays exact)."""
-    ids = tok.encode(text, add_special_tokens=False) + [sorted(tok.eos_token_ids or [2])[0]]
-
-    def scripted(model, cache, prompt, params, *, key, logits_processors, prefill_step, on_prefilled=None):
-        generate_mod.prefill(model, cache, prompt, prefill_step)
-        if on_prefilled is not None:
-            on_prefilled()
-        generate_mod.prefill(model, cache, mx.array(ids), prefill_step)
-        yield from ids
-
-    monkeypatch.setattr(generate_mod, "token_generator", lambda *a, **k: scripted)
+    scripted.use(monkeypatch, scripted.scripted(scripted.reply_ids(tok, text)))
 
 
 @pytest.fixture
 def endless(monkeypatch, server):
     """A model that never stops by itself: only the context ends its reply."""
     tok = server["tok"].encode(" la", add_special_tokens=False)[-1]
-
-    def forever(model, cache, prompt, params, *, key, logits_processors, prefill_step, on_prefilled=None):
-        generate_mod.prefill(model, cache, prompt, prefill_step)
-        if on_prefilled is not None:
-            on_prefilled()
-        while True:
-            generate_mod.last_logits(model, mx.array([[tok]]), cache)
-            generate_mod._eval_cache(cache)
-            yield tok
-
-    monkeypatch.setattr(generate_mod, "token_generator", lambda *a, **k: forever)
+    scripted.use(monkeypatch, scripted.endless(tok))
 
 
 def _events(r) -> list[dict]:

@@ -18,9 +18,7 @@ uvicorn = pytest.importorskip("uvicorn")
 
 from step35_mlx import logprobs as logprobs_mod  # noqa: E402
 from step35_mlx.generate import encode_prompt, stream_generate  # noqa: E402
-from step35_mlx.loader import load  # noqa: E402
-from step35_mlx.server import create_app  # noqa: E402
-from serverkit import live_server  # noqa: E402
+from serverkit import demo_server, openai_client  # noqa: E402
 
 KEY = "k"
 H = {"authorization": f"Bearer {KEY}"}
@@ -28,15 +26,13 @@ H = {"authorization": f"Bearer {KEY}"}
 
 @pytest.fixture(scope="module")
 def server():
-    model, tok = load("demo")
-    app = create_app(model, tok, model_name="step-demo", api_key=KEY, max_context=1024)
-    with live_server(app) as url:
-        yield {"url": url, "tok": tok, "model": model}
+    with demo_server(KEY, max_context=1024) as s:
+        yield s
 
 
 @pytest.fixture
 def oa(server):
-    return openai.OpenAI(base_url=server["url"] + "/v1", api_key=KEY, max_retries=0, timeout=60)
+    return openai_client(server["url"], KEY)
 
 
 def _reference(model, ids) -> np.ndarray:
@@ -85,6 +81,24 @@ def test_lm_eval_loglikelihood_request(server):
         assert lp["text_offset"][0] == 0 and lp["text_offset"] == sorted(lp["text_offset"])
 
 
+def test_lm_eval_text_loglikelihood_request(server):
+    """lm-eval's ``tokenized_requests=False`` body: the text of context + continuation; it counts ctxlen
+    with the tokenizer's own ids (no bos), so the echo must start after the bos the server adds."""
+    model, tok = server["model"], server["tok"]
+    context, conts = "Question: What is the capital of France?\nAnswer:", [" Paris", " a small dog"]
+    ctxlen = len(tok.encode(context, add_special_tokens=False))
+    body = {"model": "step-demo", "prompt": [context + c for c in conts], "temperature": 0, "max_tokens": 1,
+            "logprobs": 1, "seed": 1234, "echo": True}
+    r = httpx.post(server["url"] + "/v1/completions", json=body, headers=H, timeout=60)
+    assert r.status_code == 200, r.text
+    for choice, cont in zip(sorted(r.json()["choices"], key=lambda c: c["index"]), conts):
+        ids = encode_prompt(tok, context + cont)
+        assert ids[0] == tok.bos_token_id
+        ref = _reference(model, ids)
+        want = sum(ref[k, ids[k + 1]] for k in range(ctxlen, len(ids) - 1))  # the continuation, given bos + context
+        assert abs(sum(choice["logprobs"]["token_logprobs"][ctxlen:-1]) - want) <= 1e-4
+
+
 def test_completions_logprobs_of_generated_tokens(server, oa):
     model, tok = server["model"], server["tok"]
     prompt = "The capital of France is"
@@ -102,10 +116,21 @@ def test_completions_logprobs_of_generated_tokens(server, oa):
 
 
 def test_prompt_only_scoring_and_prompt_lists(server, oa):
+    model, tok = server["model"], server["tok"]
     r = oa.completions.create(model="m", prompt=["one two", "three"], max_tokens=0, echo=True, logprobs=0)
     assert [c.text for c in r.choices] == ["one two", "three"]
     assert r.usage.completion_tokens == 0
-    assert all(c.logprobs.token_logprobs[0] is None and c.logprobs.token_logprobs[1] < 0 for c in r.choices)
+    for c in r.choices:
+        # the bos the server puts before a text prompt is context, not echoed text: tokens and
+        # offsets cover the text, and its first token is scored given the bos
+        lp, ids = c.logprobs, encode_prompt(tok, c.text)
+        assert ids[0] == tok.bos_token_id and "".join(lp.tokens) == c.text
+        assert [c.text[o:o + len(t)] for o, t in zip(lp.text_offset, lp.tokens)] == lp.tokens
+        ref = _reference(model, ids)
+        assert max(abs(v - ref[k, ids[k + 1]]) for k, v in enumerate(lp.token_logprobs)) <= 1e-4
+    r = oa.completions.create(model="m", prompt=[[1, 2, 3], tok.decode([tok.bos_token_id]) + "one"], max_tokens=0,
+                              echo=True, logprobs=0)
+    assert [c.logprobs.token_logprobs[0] for c in r.choices] == [None, None]  # a prompt's own first token
     with pytest.raises(openai.BadRequestError, match="vocabulary"):
         oa.completions.create(model="m", prompt=[[1, 10**9]], max_tokens=1)
     with pytest.raises(openai.BadRequestError, match="stream"):

@@ -60,3 +60,36 @@ def test_two_streams_work_on_another_thread():
         two = pool.submit(lambda: _run(model, prompt)[1]).result()
     use_two_streams(model, False)
     assert one == two
+
+
+def test_split_linear_is_bit_identical_and_only_for_affine_quantized_layers():
+    import mlx.nn as nn
+
+    from step35_mlx.streams import SideStream, split_linear
+
+    if mx.default_device() != mx.cpu:
+        pytest.skip("two streams are a CPU-device feature")
+    mx.random.seed(3)
+    dense = nn.Linear(256, 1000, bias=False)
+    q = nn.QuantizedLinear.from_linear(dense, group_size=64, bits=4)
+    side = SideStream()
+    for rows in (1, 3, 40):  # decode, a verify step, a prefill chunk
+        x = mx.random.normal((1, rows, 256))
+        y = split_linear(q, x, side)
+        assert y.shape == (1, rows, 1000)
+        assert mx.array_equal(y, q(x)).item()
+        assert mx.array_equal(split_linear(dense, x, side), dense(x)).item()  # float layers run whole
+
+
+def test_every_part_gets_the_side_stream_and_one_restores_it():
+    model, _ = load("demo")
+    if mx.default_device() != mx.cpu:
+        pytest.skip("two streams are a CPU-device feature")
+    assert use_two_streams(model)
+    layers = list(model.layers) + list(model.model.mtp)
+    assert model.head_side_stream is not None
+    assert all(l.side_stream is not None and l.self_attn.side_stream is not None for l in layers)
+    assert any(not l.is_moe for l in model.layers), "the demo has a dense layer: its split path is exercised"
+    use_two_streams(model, False)
+    assert model.head_side_stream is None
+    assert all(l.side_stream is None and l.self_attn.side_stream is None for l in layers)

@@ -7,9 +7,10 @@ import pytest
 
 from step35_mlx import load_model
 from step35_mlx.costs import expert_bytes, trunk_fixed_bytes
+from step35_mlx.streams import choose_streams, usable_cores
 from step35_mlx.synthetic import tiny_config, write_hf_checkpoint
 from step35_mlx.tune import best, measure
-from step35_mlx.tuned import TuneResult, load_choice, save_choice
+from step35_mlx.tuned import TuneResult, load_choice, load_streams, save_choice
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +49,23 @@ def test_choice_round_trip_is_per_model(tiny, tmp_path):
     other.mkdir()
     (other / "config.json").write_text(json.dumps(cfg))
     assert load_choice(other, store) is None
+    assert load_streams(path, store) is None  # saved without a streams measurement
+    save_choice(path, TuneResult(0, 10.0, 1e6, 1.0, []), store, streams=2)
+    assert (load_choice(path, store), load_streams(path, store)) == (0, 2)
+
+
+def test_streams_rule():
+    """--streams wins, then what tune measured, then 2 on a multi-core CPU device; never 2 on a GPU."""
+    if mx.default_device() != mx.cpu:
+        assert choose_streams(None, 2) == 1
+        with pytest.raises(ValueError, match="CPU device"):
+            choose_streams(2)
+        return
+    assert choose_streams(1, 2) == 1 and choose_streams(2, 1) == 2
+    assert choose_streams(None, 1) == 1 and choose_streams(None, 2) == 2
+    assert choose_streams(None) == (2 if usable_cores() >= 2 else 1)
+    with pytest.raises(ValueError, match="1 or 2"):
+        choose_streams(3)
 
 
 def test_tune_command_stores_the_winner(tiny, tmp_path, monkeypatch):
@@ -65,6 +83,9 @@ def test_tune_command_stores_the_winner(tiny, tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
     assert "mtp d=1" in r.output and "default for this model is now" in r.output
     assert load_choice(folder, store) in (0, 1)
+    if mx.default_device() == mx.cpu and usable_cores() >= 2:
+        assert "tok/s on 1 CPU stream" in r.output
+        assert load_streams(folder, store) in (1, 2)
     # and generation now follows the stored choice for this model
     from step35_mlx import load
     from step35_mlx.generate import resolve_settings

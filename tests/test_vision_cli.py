@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from clirun import one_error_line, run_cli, start_cli
+from clirun import one_error_line, run_cli, start_serve
 from step35_mlx.vision.synthetic import (
     sample_image, step3p7_config, tiny_vision_config, write_step3p7_checkpoint, write_vision_tokenizer,
 )
@@ -75,27 +75,12 @@ def test_chat_image_command(vlm_dir, tmp_path):
 
 
 def test_serve_with_local_images(vlm_dir, tmp_path):
-    import socket
-    import time
     import urllib.error
     import urllib.request
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = start_cli(["serve", "--model", str(vlm_dir), "--port", str(port), "--allow-local-images",
-                      "--max-images", "1"], tmp_path)
+    srv = start_serve(["--model", str(vlm_dir), "--allow-local-images", "--max-images", "1"], tmp_path)
+    base = srv.base
     try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                urllib.request.urlopen(f"{base}/health", timeout=2).close()
-                break
-            except (urllib.error.URLError, ConnectionError):
-                assert time.monotonic() < deadline, "serve did not answer /health within 90 s"
-                time.sleep(0.3)
         part = {"type": "image_url", "image_url": {"url": str(vlm_dir / "photo.png")}}
         body = {"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": [part, part]}]}
         req = urllib.request.Request(f"{base}/v1/chat/completions", data=json.dumps(body).encode(),
@@ -109,8 +94,7 @@ def test_serve_with_local_images(vlm_dir, tmp_path):
         with urllib.request.urlopen(req, timeout=60) as resp:
             assert json.loads(resp.read())["usage"]["completion_tokens"] == 1
     finally:
-        proc.terminate()
-        proc.wait(20)
+        srv.stop()
 
 
 def test_serve_image_option_mistake(vlm_dir, tmp_path):

@@ -17,7 +17,7 @@ uvicorn = pytest.importorskip("uvicorn")
 
 from step35_mlx.loader import load  # noqa: E402
 from step35_mlx.server import create_app  # noqa: E402
-from serverkit import live_server  # noqa: E402
+from serverkit import anthropic_client, live_server, openai_client  # noqa: E402
 from step35_mlx.server.images import ImagePolicy  # noqa: E402
 from step35_mlx.vision.synthetic import (  # noqa: E402
     sample_image, step3p7_config, tiny_vision_config, write_step3p7_checkpoint, write_vision_tokenizer,
@@ -71,11 +71,11 @@ def servers(tmp_path_factory):
 
 
 def _oa(servers, name):
-    return openai.OpenAI(base_url=servers["urls"][name] + "/v1", api_key="x", max_retries=0, timeout=60)
+    return openai_client(servers["urls"][name], "x")
 
 
 def _an(servers, name):
-    return anthropic.Anthropic(base_url=servers["urls"][name], api_key="x", max_retries=0, timeout=60)
+    return anthropic_client(servers["urls"][name], "x")
 
 
 def _template_len(tok, n_images: int) -> int:

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from .common import MODEL_OPTION, fail
+from .common import MODEL_OPTION, STREAMS_OPTION, fail
 from .loading import load_for_cli
 
 
@@ -33,7 +33,7 @@ def bench(
     prefill_step: int = typer.Option(512, "--prefill-step", min=1, help="Prompt tokens per prefill chunk."),
     vs_mlx_lm: bool = typer.Option(False, "--vs-mlx-lm", help="Also run mlx-lm's own model on the same weights and print ratios."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON instead of a table."),
-    streams: Optional[int] = typer.Option(None, "--streams", min=1, max=2, help="CPU streams for our decode (default: 2 on the CPU device when more than one core is free, else 1)."),
+    streams: Optional[int] = STREAMS_OPTION,
 ) -> None:
     """Measure prompt processing and generation speed (tokens/s) and peak memory at several context depths.
 
@@ -43,17 +43,16 @@ def bench(
 
     Example: step35-mlx bench --model demo --mtp 2 --json
     """
-    import mlx.core as mx
     from mlx.utils import tree_flatten
     from rich.console import Console
 
     from ..bench import BenchSettings, machine_info, measure, mlx_lm_engine, ours_engine, ratios, report, table
     from ..floor import floor_tokens_per_s
-    from ..streams import default_two_streams, use_two_streams
 
     depths = _depths(depth)
     console = Console(stderr=True)
-    loaded = load_for_cli(model, lambda msg: console.print(msg, style="yellow", markup=False), mtp=bool(mtp))
+    loaded = load_for_cli(model, lambda msg: console.print(msg, style="yellow", markup=False), mtp=bool(mtp),
+                          streams=streams)
     m = loaded.model
     if mtp and mtp > m.num_mtp:
         fail(f"--mtp {mtp}: this checkpoint has {m.num_mtp} MTP modules")
@@ -61,11 +60,7 @@ def bench(
     if need > loaded.context_limit:
         fail(f"depth {max(depths)} + {prompt_tokens} prompt + {gen_tokens} generated tokens = {need} exceeds "
              f"the context limit of {loaded.context_limit} tokens")
-    if streams is None:
-        streams = 2 if default_two_streams() else 1
-    elif streams == 2 and mx.default_device() != mx.cpu:
-        fail("--streams 2 is for the CPU device (one GPU stream already fills the GPU)")
-    settings = BenchSettings(prompt_tokens, gen_tokens, depths, 0, repetitions, prefill_step, streams=streams)
+    settings = BenchSettings(prompt_tokens, gen_tokens, depths, 0, repetitions, prefill_step, streams=loaded.streams)
     cfg = m.config
     desc = (f"{loaded.path} ({cfg.model_type}, hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, "
             f"vocab {cfg.vocab_size}, {(cfg.raw.get('quantization') or {}).get('bits', 'float')} bits)")
@@ -75,7 +70,6 @@ def bench(
         if ram and 2 * weights > 0.8 * ram:
             fail(f"--vs-mlx-lm loads mlx-lm's copy beside ours: 2 x {weights / 1e9:.1f} GB of weights do not fit "
                  f"in {ram / 1e9:.0f} GB; run `bench` and mlx-lm's own benchmark separately")
-    use_two_streams(m, streams == 2)
     engines = [ours_engine(m, settings)]
     if mtp:
         engines.append(ours_engine(m, replace(settings, mtp=mtp)))

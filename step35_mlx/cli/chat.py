@@ -14,7 +14,7 @@ import typer
 
 from .common import (CACHE_DIR_OPTION, CACHE_DISK_OPTION, DRAFT_DEPTH_OPTION, KV_BITS_OPTION, MAX_CONTEXT_OPTION,
                      MAX_TOKENS_OPTION, MIN_P_OPTION, MODEL_OPTION, MTP_OPTION, PREFILL_STEP_OPTION, SEED_OPTION,
-                     SYSTEM_OPTION, TEMPERATURE_OPTION, TOP_K_OPTION, TOP_P_OPTION, VISION_OPTION, cache_budgets,
+                     SYSTEM_OPTION, TEMPERATURE_OPTION, TOP_K_OPTION, TOP_P_OPTION, STREAMS_OPTION, VISION_OPTION, cache_budgets,
                      fail, open_prefix_cache, printable, stats_line)
 from ..text import invalid_text_reason
 from .loading import load_for_cli
@@ -152,6 +152,7 @@ def chat(
     parallel: Optional[str] = PARALLEL_OPTION,
     split: Optional[str] = SPLIT_OPTION,
     vision: bool = VISION_OPTION,
+    streams: Optional[int] = STREAMS_OPTION,
 ) -> None:
     """Chat in the terminal: streaming answers, reasoning dimmed, the KV cache kept between turns.
 
@@ -175,7 +176,7 @@ def chat(
     try:
         loaded = load_for_cli(model, warn, max_context=max_context, kv_bits=kv_bits, mtp=mtp,
                               prefill_step=prefill_step, parallel=parallel, split=split, cache_ram=ram,
-                              vision=vision)
+                              vision=vision, streams=streams)
         prefix_cache = open_prefix_cache(loaded.model, ram, disk, cache_dir, warn, kv_bits)
         try:
             session = ChatSession(loaded.model, loaded.tokenizer, system=system, max_tokens=max_tokens,

@@ -11,7 +11,7 @@ import typer
 
 from .common import (DRAFT_DEPTH_OPTION, KV_BITS_OPTION, MAX_CONTEXT_OPTION, MAX_TOKENS_OPTION, MIN_P_OPTION,
                      MODEL_OPTION, MTP_OPTION, PREFILL_STEP_OPTION, SEED_OPTION, SYSTEM_OPTION, TEMPERATURE_OPTION,
-                     TOP_K_OPTION, TOP_P_OPTION, VISION_OPTION, fail, printable, stats_line)
+                     TOP_K_OPTION, TOP_P_OPTION, STREAMS_OPTION, VISION_OPTION, fail, printable, stats_line)
 from ..text import invalid_text_reason
 from .loading import load_for_cli
 from .parallel import PARALLEL_OPTION, SPLIT_OPTION
@@ -43,6 +43,7 @@ def generate(
     image: Optional[List[Path]] = typer.Option(None, "--image", "-i",
                                                help="A picture for the prompt (Step 3.7 models; repeatable)."),
     vision: bool = VISION_OPTION,
+    streams: Optional[int] = STREAMS_OPTION,
 ) -> None:
     """Generate one answer for scripts: the answer on stdout (or --json), stats on stderr.
 
@@ -74,7 +75,7 @@ def generate(
             fail(f"{tools} must hold a JSON list of tool schemas")
     images = _check_images(image or [], raw)
     loaded = load_for_cli(model, lambda msg: typer.secho(msg, fg=typer.colors.YELLOW, err=True),
-                          max_context=max_context, kv_bits=kv_bits, mtp=mtp, prefill_step=prefill_step,
+                          max_context=max_context, kv_bits=kv_bits, mtp=mtp, prefill_step=prefill_step, streams=streams,
                           parallel=parallel, split=split, images=bool(images), vision=vision)
     if parallel is not None:
         from ..distributed.runtime import share_text

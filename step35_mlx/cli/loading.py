@@ -20,12 +20,13 @@ class LoadedModel:
     path: Path
     generation_config: dict
     context_limit: int  # tokens: --max-context, or the longest that fits this machine
+    streams: int = 1  # CPU streams decode runs on (streams.choose_streams)
 
 
 def load_for_cli(model: Optional[str], announce: Callable[[str], None], *, max_context: Optional[int] = None,
                  kv_bits: Optional[int] = None, mtp: Optional[bool] = None, prefill_step: int = 512,
                  parallel: Optional[str] = None, split: Optional[str] = None, cache_ram: int = 0,
-                 images: bool = False, vision: bool = True) -> LoadedModel:
+                 images: bool = False, vision: bool = True, streams: Optional[int] = None) -> LoadedModel:
     """Load a model for a command, or print one red line and exit 2.
 
     Before any weight is read, the memory plan (``step35_mlx.plan.preflight``) must fit this
@@ -35,18 +36,20 @@ def load_for_cli(model: Optional[str], announce: Callable[[str], None], *, max_c
     ``parallel`` (tensor, expert, pipeline): this rank's share only, under ``mlx.launch``.
     ``images``: the request has pictures, so a model without a vision tower is refused up front.
     ``vision=False`` leaves a Step 3.7 vision tower unloaded.
+    ``streams``: ``--streams`` (None: the tuned or default count, ``streams.choose_streams``).
     """
     if parallel is not None:
         from .parallel import load_parallel_for_cli
 
         return load_parallel_for_cli(model, announce, parallel, split, mtp=mtp is not False,
                                      max_context=max_context, kv_bits=kv_bits)
-    from ..generate import read_generation_config
     from ..hub import DEMO_DIR, ModelNotFoundError, resolve_model
     from ..loader import CheckpointError, load
     from ..mlx_lm_format import read_folder
     from ..plan import InsufficientMemoryError, preflight
-    from ..streams import default_two_streams, use_two_streams
+    from ..settings import read_generation_config
+    from ..streams import choose_streams, use_two_streams
+    from ..tuned import load_streams
 
     try:
         path = resolve_model(model)
@@ -77,13 +80,17 @@ def load_for_cli(model: Optional[str], announce: Callable[[str], None], *, max_c
             fail("images need the vision tower; drop --no-vision")
         if VisionConfig.from_config(folder.config.raw) is None:
             fail(NO_VISION)
+    try:
+        n_streams = choose_streams(streams, load_streams(path))
+    except ValueError as e:
+        fail(str(e))
     if max_context is None and plan.context < folder.config.max_position_embeddings:
         announce(f"Context limited to {plan.context:,} tokens so that the model fits this machine's memory "
                  f"(`step35-mlx plan --model {path}` shows the options).")
     try:
         m, tok = load(path, folder_format=folder, mtp=keep_mtp, vision=vision)
-        use_two_streams(m, default_two_streams())  # CPU device with a free second core: MoE decode on both
+        use_two_streams(m, n_streams == 2)
         generation_config = read_generation_config(path, warn=announce)
     except (ValueError, OSError) as e:
         fail(f"cannot load {path}: {e}")
-    return LoadedModel(m, tok, path, generation_config, plan.context)
+    return LoadedModel(m, tok, path, generation_config, plan.context, n_streams)

@@ -21,8 +21,8 @@ def load_parallel_for_cli(model: Optional[str], announce: Callable[[str], None],
                           *, mtp: bool, max_context: Optional[int] = None, kv_bits: Optional[int] = None) -> LoadedModel:
     """This rank's share of ``model``; ranks other than 0 print nothing on stdout."""
     from ..distributed.runtime import ParallelSetupError, load_rank
-    from ..generate import read_generation_config
     from ..hub import DEMO_DIR, resolve_model
+    from ..settings import read_generation_config
 
     def locate():
         path = resolve_model(model)

@@ -314,9 +314,9 @@ def plan(
         f"may allow a little more). no = not even one token. GB = {GB:.0e} bytes; K = 1024 tokens.[/]"
     )
 
-    from ..plan import _dequantize_prefill_rows
+    from ..plan.activations import dequantize_prefill_rows
 
-    if _dequantize_prefill_rows() is None:
+    if dequantize_prefill_rows() is None:
         console.print("[dim]8-bit/4-bit KV: prefill attention over a quantized cache materialises heads x chunk x "
                       "context scores in this version, which limits long contexts; a smaller --prefill-step "
                       "lowers that.[/]")

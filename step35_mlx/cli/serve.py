@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from .common import (CACHE_DIR_OPTION, CACHE_DISK_OPTION, MAX_CONTEXT_OPTION, MODEL_OPTION, MTP_OPTION,
-                     VISION_OPTION, cache_budgets, fail, open_prefix_cache)
+                     STREAMS_OPTION, VISION_OPTION, cache_budgets, fail, open_prefix_cache)
 from .loading import load_for_cli
 from .parallel import PARALLEL_OPTION, SPLIT_OPTION
 
@@ -33,6 +33,7 @@ def serve(
     max_images: int = typer.Option(8, "--max-images", min=1, help="Step 3.7: most images in one request; more get 400."),
     max_image_size: str = typer.Option("10MB", "--max-image-size", help="Step 3.7: largest encoded image accepted (e.g. 10MB); larger get 400."),
     vision: bool = VISION_OPTION,
+    streams: Optional[int] = STREAMS_OPTION,
 ) -> None:
     """Serve a model over HTTP for OpenAI and Anthropic clients (Claude Code, opencode, SDKs).
 
@@ -61,7 +62,8 @@ def serve(
             fail("--cache-disk does not work with --parallel yet (each rank holds part of the cache)")
         ram = 0
     loaded = load_for_cli(model, lambda text: typer.echo(text, err=True), max_context=max_context, mtp=mtp,
-                          parallel=parallel, split=split, cache_ram=ram, vision=vision)
+                          parallel=parallel, split=split, cache_ram=ram, vision=vision,
+                          streams=streams)
     from ..server.images import ImagePolicy
     from ..vision.files import has_vision
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from ..generate import ar_tokens
+from ..decode import ar_tokens
 from ..sampling import SamplingParams
 from ..speculative import speculative_tokens
 from ..loader import load_model

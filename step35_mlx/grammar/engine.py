@@ -1,7 +1,7 @@
 """Compile a :class:`~.spec.Constraint` for a tokenizer (llguidance) and mask logits with it.
 
 :class:`GrammarProcessor` is a logits processor ``(tokens, logits) -> logits`` in the
-protocol of ``generate.ar_tokens`` and ``speculative.speculative_tokens``: ``tokens`` is
+protocol of ``decode.ar_tokens`` and ``speculative.speculative_tokens``: ``tokens`` is
 the context of the row being sampled (the uncached prompt, then every token before that
 row). It finds the answer in the context (the tokens after the first ``</think>``, or all
 generated tokens when the reply does not start in reasoning), brings the matcher to it

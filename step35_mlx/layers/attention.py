@@ -6,6 +6,7 @@ settings and the cache/mask the model hands in (see ``config.LayerSpec``).
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import mlx.core as mx
@@ -20,7 +21,7 @@ from .rope import RoPE
 # and values once and running the fused kernel: quantized_sdpa materialises heads x rows x
 # keys scores (51 GB for a 512-token chunk at 256K context in Step 3.5 Flash, against 1 GiB
 # for one layer's dequantized K/V). Decode and MTP-verify rows keep the quantized matmuls.
-# step35_mlx.plan reads this constant.
+# step35_mlx.plan.activations reads this constant.
 DEQUANTIZE_PREFILL_ROWS = 16
 
 
@@ -43,6 +44,8 @@ def quantized_sdpa(q: mx.array, k: tuple, v: tuple, scale: float, mask: Mask, gr
 
 
 class Attention(nn.Module):
+    side_stream = None  # streams.SideStream: K, V, the gate and half of Q and O beside the rest
+
     def __init__(self, hidden_size: int, spec: LayerSpec, eps: float, gated: bool = True):
         super().__init__()
         self.num_heads = spec.num_heads
@@ -65,12 +68,15 @@ class Attention(nn.Module):
 
     def __call__(self, x: mx.array, mask: Mask = None, cache: Any = None) -> mx.array:
         B, T, _ = x.shape
-        q = self.q_norm(self.q_proj(x).reshape(B, T, self.num_heads, -1)).transpose(0, 2, 1, 3)
-        k = self.k_norm(self.k_proj(x).reshape(B, T, self.num_kv_heads, -1)).transpose(0, 2, 1, 3)
-        v = self.v_proj(x).reshape(B, T, self.num_kv_heads, -1).transpose(0, 2, 1, 3)
         offset = (cache.offset if cache is not None else 0) + self.position_shift
-        q = self.rope(q, offset=offset)
-        k = self.rope(k, offset=offset)
+        # with two CPU streams (step35_mlx.streams), K, V and the gate are computed beside Q
+        with mx.stream(self.side_stream.get()) if self.side_stream is not None else nullcontext():
+            k = self.k_norm(self.k_proj(x).reshape(B, T, self.num_kv_heads, -1)).transpose(0, 2, 1, 3)
+            k = self.rope(k, offset=offset)
+            v = self.v_proj(x).reshape(B, T, self.num_kv_heads, -1).transpose(0, 2, 1, 3)
+            gate = mx.sigmoid(self.g_proj(x))[..., None] if self.gated else None
+        q = self.q_proj(x) if self.side_stream is None else self.side_stream.linear(self.q_proj, x)
+        q = self.rope(self.q_norm(q.reshape(B, T, self.num_heads, -1)).transpose(0, 2, 1, 3), offset=offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         if isinstance(k, tuple) and T > DEQUANTIZE_PREFILL_ROWS:
@@ -82,6 +88,7 @@ class Attention(nn.Module):
         else:
             out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         out = out.transpose(0, 2, 1, 3)
-        if self.gated:
-            out = out * mx.sigmoid(self.g_proj(x))[..., None]
-        return self.o_proj(out.reshape(B, T, -1))
+        if gate is not None:
+            out = out * gate
+        out = out.reshape(B, T, -1)
+        return self.o_proj(out) if self.side_stream is None else self.side_stream.linear(self.o_proj, out)

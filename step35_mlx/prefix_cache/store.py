@@ -110,7 +110,7 @@ class PrefixCache:
     def __init__(self, model: Any, *, ram_bytes: int = 8 * 10**9, disk_bytes: int = 0,
                  cache_dir: str | Path | None = None, block_size: int = DEFAULT_BLOCK, kv_bits: int | None = None,
                  kv_group_size: int | None = None, warn: Callable[[str], None] | None = None) -> None:
-        from ..generate import new_cache
+        from ..decode import new_cache
 
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Iterator
 
-from ..generate import GenerationChunk, Settings, check_prompt_ids, run
+from ..chunks import run
+from ..prompts import check_prompt_ids
+from ..results import GenerationChunk
+from ..settings import Settings
 from .store import PrefixCache
 
 

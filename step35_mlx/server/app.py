@@ -2,7 +2,8 @@
 
 Endpoints: ``/health``; OpenAI ``/v1/models``, ``/v1/models/{id}``, ``/v1/chat/completions``,
 ``/v1/completions`` (with ``echo``/``logprobs``), ``/v1/responses`` (in :mod:`.responses`); Anthropic
-``/v1/messages``, ``/v1/messages/count_tokens``. Stop strings apply to the answer only; thinking budgets
+``/v1/messages``, ``/v1/messages/count_tokens``; vLLM's ``/tokenizer_info``, ``/tokenize``, ``/detokenize``
+(in :mod:`.tokenize`, for lm-evaluation-harness). Stop strings apply to the answer only; thinking budgets
 and the OpenAI effort mapping live in :mod:`step35_mlx.thinking`; ``max_tokens`` past the context is
 clamped (finish ``"length"``).
 
@@ -50,8 +51,9 @@ from .messages import anthropic_messages, anthropic_tools, openai_messages, sele
 from .reply import Reply, anthropic_usage, call_id, collect, sse
 from .responses import add_responses_routes
 from .schemas import AnthCountRequest, AnthRequest, OAIChatRequest, OAICompletionRequest
-from .logprobs import chat_logprobs, completion_logprobs, prompt_list, reply_ids
+from .logprobs import chat_logprobs, completion_logprobs, implicit_bos, prompt_list, reply_ids
 from .thinking import anthropic_request_thinking, openai_reasoning_budget
+from .tokenize import add_tokenize_routes
 
 
 def create_app(model: Any, tokenizer: Any, *, model_name: str = "step-3.5-flash", api_key: str | None = None,
@@ -288,9 +290,9 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str = "step-3.5-flash"
             shown = prompt_text if req.echo else ""
             logprobs = None
             if req.logprobs is not None:
-                scored = await engine.score(ids + gen, req.logprobs, 1 if req.echo else len(ids))
-                logprobs = completion_logprobs(tokenizer, scored, 0 if req.echo else len(ids),
-                                               0 if req.echo else len(prompt_text))
+                since = implicit_bos(tokenizer, p, ids) if req.echo else len(ids)  # first token shown
+                scored = await engine.score(ids + gen, req.logprobs, max(1, since))
+                logprobs = completion_logprobs(tokenizer, scored, since, 0 if req.echo else len(prompt_text))
             choices.append({"index": index, "text": shown + text, "finish_reason": finish, "logprobs": logprobs})
         return {"id": rid, "object": "text_completion", "created": now, "model": model_name, "choices": choices,
                 "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_gen, "total_tokens": n_prompt + n_gen}}
@@ -396,4 +398,6 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str = "step-3.5-flash"
         return {"input_tokens": len(prepared.ids)}
 
     add_responses_routes(app, engine, parse=parse, headers=headers, model_name=model_name)
+    add_tokenize_routes(app, tokenizer, vocab_size=model.config.vocab_size,
+                        context_limit=engine.session.context_limit, parse=parse, check_key=check_key)
     return app

@@ -24,6 +24,19 @@ def prompt_list(prompt: Any) -> list[str | list[int]]:
     return prompts
 
 
+def implicit_bos(tokenizer: Any, prompt: str | list[int], ids: Sequence[int]) -> int:
+    """1 when the server put a ``bos`` the prompt text does not hold in front of its tokens, else 0.
+
+    That token is context, not prompt: ``echo`` starts after it, so the echoed tokens and
+    ``text_offset`` match the echoed text and the first text token has a real log-probability
+    (lm-eval's ``tokenized_requests=False`` counts context tokens with the tokenizer's own, bos-free ids).
+    """
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if not isinstance(prompt, str) or bos is None or not ids or ids[0] != bos:
+        return 0
+    return 0 if prompt.startswith(tokenizer.decode([bos], skip_special_tokens=False)) else 1
+
+
 def completion_logprobs(tokenizer: Any, scored: TokenLogprobs, first: int, offset: int) -> dict:
     """The legacy ``logprobs`` of positions ``first..``: tokens, token_logprobs, top_logprobs, text_offset.
 

@@ -9,7 +9,7 @@ from typing import Any, Callable
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from ..generate import GenerationChunk
+from ..results import GenerationChunk
 from .engine import END, ClientGone, Engine, Run
 from .errors import as_api_error
 

@@ -25,7 +25,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import Field, ValidationError
 
-from ..generate import GenerationChunk
+from ..results import GenerationChunk
 from ..reasoning import THINK_CLOSE
 from .constrain import request_constraint
 from .engine import Engine, drain, first_chunk
