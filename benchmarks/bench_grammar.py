@@ -140,7 +140,7 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": 
 
 
 def auto_tools(model, tok, repeats: int, mtp: bool, n: int = 200) -> dict:
-    """ms/token of free text under tool_choice auto vs none (alternating runs, after a warm-up of each).
+    """ms/token of free text under tool_choice auto vs none (alternating runs and order, after a warm-up of each).
 
     Sampled (temperature 1, seed 2: the demo's greedy answers end after about 13 tokens; this one runs ~90).
     """
@@ -156,9 +156,12 @@ def auto_tools(model, tok, repeats: int, mtp: bool, n: int = 200) -> dict:
     _, auto_ids = run("auto")
     _, free_ids = run("none")
     auto, free = [], []
-    for _ in range(repeats):
+    for i in range(repeats):  # which one goes first alternates: the second run of a pair tends to be faster here
+        if i % 2:
+            free.append(run("none")[0])
         auto.append(run("auto")[0])
-        free.append(run("none")[0])
+        if not i % 2:
+            free.append(run("none")[0])
     a, f = statistics.median(auto), statistics.median(free)
     return {"mtp": mtp, "tokens": len(free_ids), "none_ms": f, "auto_ms": a, "ratio": a / f,
             "identical": auto_ids == free_ids}
