@@ -18,7 +18,7 @@ from step35_mlx import chunks, decode
 
 
 class Prefix:
-    """Logits processor: row ``n`` of the reply (read from the context, so MTP drafts work) may only be ``script[n]``."""
+    """Logits processor: row ``n`` of the reply (read from the context: MTP drafts too) may only be ``script[n]``."""
 
     def __init__(self, script: list[int], start: int):
         self.script = script

@@ -68,9 +68,9 @@ def test_auto_call_the_model_opens_is_valid_plain_and_mtp(demo, monkeypatch):
     force_prefix(monkeypatch, tok, OPEN)
     greedy = None
     for seed, mtp in ((0, False), (None, False), (None, True)):
-        chunks = list(stream_generate(model, tok, chat_prompt(tok), tools=[BOOK], max_tokens=80, temperature=0 if seed is None
-                                      else 1.0, seed=seed, mtp=mtp, draft_depth=2 if mtp else None,
-                                      parallel_tool_calls=False))
+        chunks = list(stream_generate(model, tok, chat_prompt(tok), tools=[BOOK], max_tokens=80,
+                                      temperature=0 if seed is None else 1.0, seed=seed, mtp=mtp,
+                                      draft_depth=2 if mtp else None, parallel_tool_calls=False))
         calls = [c for ch in chunks for c in ch.tool_calls]
         assert chunks[-1].finish_reason == "stop" and len(calls) == 1  # one call, then the end of the turn
         check_book(calls[0])
@@ -78,8 +78,8 @@ def test_auto_call_the_model_opens_is_valid_plain_and_mtp(demo, monkeypatch):
         if seed is None:
             greedy = greedy or ids_of(chunks)
             assert ids_of(chunks) == greedy  # greedy MTP == greedy plain, constrained
-    unconstrained = list(stream_generate(model, tok, chat_prompt(tok), tools=[BOOK], max_tokens=40, temperature=1.0, seed=0,
-                                         tool_choice="none"))
+    unconstrained = list(stream_generate(model, tok, chat_prompt(tok), tools=[BOOK], max_tokens=40, temperature=1.0,
+                                         seed=0, tool_choice="none"))
     assert not [c for ch in unconstrained for c in ch.tool_calls]  # without the grammar the demo writes no call
 
 

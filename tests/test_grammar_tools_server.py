@@ -28,7 +28,8 @@ PARAMS = {"type": "object", "properties": {"code": {"type": "string", "pattern":
 BOOK = {"type": "function", "function": {"name": "book", "description": "Book a table", "parameters": PARAMS}}
 ASK = [{"role": "user", "content": "Book a table"}]
 OPEN = "Booking.\n</think>\n<tool_call>"  # scripted up to the opener; the model writes the call under the grammar
-OBJECT = {"type": "object", "properties": {"kind": {"enum": ["cat", "dog"]}, "age": {"type": "integer", "minimum": 0, "maximum": 30}},
+OBJECT = {"type": "object", "properties": {"kind": {"enum": ["cat", "dog"]},
+                                          "age": {"type": "integer", "minimum": 0, "maximum": 30}},
           "required": ["kind", "age"], "additionalProperties": False}
 
 
@@ -106,4 +107,5 @@ def test_completions_response_format(oa):
                                   stream=True, extra_body={"response_format": fmt})
     assert set(json.loads("".join(c.choices[0].text for c in parts if c.choices))) == {"kind", "age"}
     with pytest.raises(openai.BadRequestError, match="response_format type"):
-        oa.completions.create(model="step-demo", prompt="x", max_tokens=2, extra_body={"response_format": {"type": "xml"}})
+        oa.completions.create(model="step-demo", prompt="x", max_tokens=2,
+                              extra_body={"response_format": {"type": "xml"}})
