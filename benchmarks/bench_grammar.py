@@ -11,8 +11,12 @@
    ``stream_generate`` unconstrained vs with the schema (``response_format``), same prompt,
    median over ``--repeats`` alternating runs; constrained runs end at eos, unconstrained ones
    run the same number of tokens.
+4. ``tool_choice`` auto on free text: the same answer (reasoning closed in the prompt, no call
+   opened) with tools under auto (the grammar waits for ``<tool_call>``; only the spelled-opener
+   guard runs) vs ``tool_choice="none"``, ms/token, and whether the tokens are identical; plus the
+   guard's one-time mask build for a state at the release's vocabulary size (synthetic texts).
 
-    python benchmarks/bench_grammar.py                  # ~1 min on 2 CPU cores
+    python benchmarks/bench_grammar.py                  # ~2-3 min on 2 CPU cores
     python benchmarks/bench_grammar.py --repeats 5 --json out.json
 """
 
@@ -131,6 +135,77 @@ def generation(model, tok, prompt: str, repeats: int, fmt: dict, mtp: bool) -> d
     return {"mtp": mtp, "tokens": n, "plain_ms": f, "schema_ms": c, "ratio": c / f}
 
 
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {
+    "city": {"type": "string", "pattern": "^[A-Z][a-z]+$"}, "days": {"type": "integer"}}, "required": ["city"]}}}]
+
+
+def auto_tools(model, tok, repeats: int, mtp: bool, n: int = 200) -> dict:
+    """ms/token of free text under tool_choice auto vs none (alternating runs and order, after a warm-up of each).
+
+    Sampled (temperature 1, seed 2: the demo's greedy answers end after about 13 tokens; this one runs ~90).
+    """
+    ids = list(tok.apply_chat_template([{"role": "user", "content": "What does os.path.join do?"}],
+                                       add_generation_prompt=True))
+    ids += tok.encode("I will answer.\n</think>\n", add_special_tokens=False)
+
+    def run(choice):
+        chunks = list(stream_generate(model, tok, ids, tools=TOOLS, tool_choice=choice, temperature=1.0, seed=2,
+                                      max_tokens=n, mtp=mtp))
+        return 1e3 / max(chunks[-1].stats.generation_tps, 1e-9), [c.token_ids[0] for c in chunks]
+
+    _, auto_ids = run("auto")
+    _, free_ids = run("none")
+    auto, free = [], []
+    for i in range(repeats):  # which one goes first alternates: the second run of a pair tends to be faster here
+        if i % 2:
+            free.append(run("none")[0])
+        auto.append(run("auto")[0])
+        if not i % 2:
+            free.append(run("none")[0])
+    a, f = statistics.median(auto), statistics.median(free)
+    return {"mtp": mtp, "tokens": len(free_ids), "none_ms": f, "auto_ms": a, "ratio": a / f,
+            "identical": auto_ids == free_ids}
+
+
+def free_text_row(model, tok, repeats: int) -> dict:
+    """ms per free-text row of the auto processor alone (context read, opener scan, guard) by context length."""
+    from step35_mlx.grammar import constraint_for, grammar_processor
+
+    V = model.config.vocab_size
+    proc = grammar_processor(constraint_for(None, TOOLS), tok, vocab_size=V,
+                             eos_ids=frozenset(model.config.eos_token_id), start=0, reasoning=False)
+    words = tok.encode("the value of a list is returned as a string ", add_special_tokens=False)
+    logits = mx.zeros((1, V))
+    mx.eval(logits)
+    out = {}
+    for n in (128, 1024, 4096):
+        ctx = mx.array((words * (n // len(words) + 1))[:n])
+        mx.eval(ctx)
+        times = []
+        for _ in range(repeats * 20):
+            t0 = time.perf_counter()
+            mx.eval(proc(ctx, logits))
+            times.append(time.perf_counter() - t0)
+        out[n] = 1e3 * statistics.median(times)
+    return out
+
+
+def guard_build(repeats: int) -> float:
+    """ms to build the spelled-opener guard's mask for one state over RELEASE_VOCAB token texts."""
+    from step35_mlx.grammar.auto import OpenerGuard
+
+    rng = np.random.default_rng(0)
+    alphabet = np.array(list("abcdefghij klmnopqrstuvwxyz<>_/\n"))
+    texts = ["".join(rng.choice(alphabet, size=int(k))) for k in rng.integers(1, 8, size=RELEASE_VOCAB)]
+    times = []
+    for _ in range(repeats):
+        guard = OpenerGuard(texts, opener=-1)
+        t0 = time.perf_counter()
+        guard.forbidden(1)  # text ends in "<": tokens starting "tool_call>" / holding "<tool_call>"
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="demo")
@@ -155,6 +230,19 @@ def main() -> None:
     for r in rows:
         print(f"  {'MTP' if r['mtp'] else 'plain':<10}{r['tokens']:>8}{r['plain_ms']:>12.2f}{r['schema_ms']:>10.2f}"
               f"{r['ratio']:>8.2f}")
+    auto = [auto_tools(model, tok, a.repeats, mtp) for mtp in (False, True)]
+    result["auto_tools"] = auto
+    result["guard_build_ms_at_128896"] = guard_build(a.repeats)
+    result["free_text_row_ms"] = free_text_row(model, tok, a.repeats)
+    print(f"free text under tool_choice auto, sampled (seed 2), {a.model}: ms/token (median of {a.repeats})")
+    print(f"  {'decoding':<10}{'tokens':>8}{'none':>10}{'auto':>10}{'ratio':>8}  identical tokens")
+    for r in auto:
+        print(f"  {'MTP' if r['mtp'] else 'plain':<10}{r['tokens']:>8}{r['none_ms']:>10.2f}{r['auto_ms']:>10.2f}"
+              f"{r['ratio']:>8.2f}  {'yes' if r['identical'] else 'NO'}")
+    print("auto processor alone on a free-text row, by context length: " + ", ".join(
+        f"{n} tokens {ms:.3f} ms" for n, ms in result["free_text_row_ms"].items()))
+    print(f"spelled-opener guard, one state's mask over {RELEASE_VOCAB} texts (once per tokenizer): "
+          f"{result['guard_build_ms_at_128896']:.1f} ms")
     if a.json:
         a.json.write_text(json.dumps(result, indent=2))
 

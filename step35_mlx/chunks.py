@@ -57,11 +57,10 @@ def run(
     gen = token_generator(settings.mtp, settings.draft_depth)
     if reasoning is None:
         reasoning = opens_reasoning(tokenizer, prompt_ids)
-    masks = []
-    if settings.constraint is not None:
-        masks.append(grammar_processor(settings.constraint, tokenizer, vocab_size=model.config.vocab_size,
-                                       eos_ids=settings.eos_ids, start=len(prompt_ids) - cached,
-                                       reasoning=reasoning))
+    mask = None if settings.constraint is None else grammar_processor(
+        settings.constraint, tokenizer, vocab_size=model.config.vocab_size, eos_ids=settings.eos_ids,
+        start=len(prompt_ids) - cached, reasoning=reasoning)
+    masks = [] if mask is None else [mask]
     return _run(model, tokenizer, cache, prompt_ids, cached, settings, budget, gen, reasoning, tools, on_prefilled,
                 masks)
 

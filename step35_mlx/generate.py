@@ -70,6 +70,7 @@ def stream_generate(
     clamp_max_tokens: bool = False,
     response_format: dict | None = None,
     tool_choice: str | dict | None = None,
+    parallel_tool_calls: bool = True,
 ) -> Iterator[GenerationChunk]:
     """Generate a reply, one :class:`GenerationChunk` per token.
 
@@ -92,14 +93,15 @@ def stream_generate(
     feed a Step 3.7 model's vision tower.
     ``response_format`` (``json_object`` / ``json_schema``) and a forcing ``tool_choice``
     (``"required"``, ``"any"``, a named tool) constrain the answer after ``</think>`` by a grammar
-    (:mod:`step35_mlx.grammar`, needs the extra ``grammar``).
+    (:mod:`step35_mlx.grammar`, needs the extra ``grammar``); with ``tools`` and ``tool_choice`` auto
+    (the default) a call the model opens must be valid; ``parallel_tool_calls=False``: at most one call.
     """
     settings = resolve_settings(
         model, tokenizer, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
         min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop,
         prefill_step=prefill_step, max_context=max_context, mtp=mtp, draft_depth=draft_depth,
         generation_config=generation_config, reasoning_budget=reasoning_budget, clamp_max_tokens=clamp_max_tokens,
-        constraint=constraint_for(response_format, tools, tool_choice),
+        constraint=constraint_for(response_format, tools, tool_choice, parallel_tool_calls),
     )
     ids = encode_prompt(tokenizer, prompt_or_messages, tools)
     cache = new_cache(model, kv_bits, kv_group_size)

@@ -157,6 +157,11 @@ def convert_value(raw: str, schema: dict | None) -> Any:
 # ---------------------------------------------------------------- block parsing
 
 
+def opens_call(text: str) -> bool:
+    """Whether ``text`` holds what this parser reads as the start of a call (``<tool_call>`` or ``<tool_call`` + space)."""
+    return _OPEN_RE.search(text) is not None
+
+
 def _tag_value(text: str, start: int) -> tuple[str, int]:
     """Name after ``<function`` / ``<parameter`` at ``start``: skip ``=``/spaces, read to ``>``, newline or ``<``.
 

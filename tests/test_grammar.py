@@ -195,7 +195,8 @@ def test_bad_options_are_value_errors(demo):
         generate(model, tok, "hi", max_tokens=2, tools=[WEATHER], tool_choice={"type": "tool", "name": "nope"})
     with pytest.raises(ValueError, match="no tools"):
         generate(model, tok, "hi", max_tokens=2, tool_choice="required")
-    assert constraint_for({"type": "text"}, [WEATHER], "auto") is None
+    assert constraint_for({"type": "text"}, [WEATHER], "none") is None
+    assert constraint_for({"type": "text"}, [WEATHER], "auto").auto
 
 
 def test_chat_reply_reasons_freely_then_answers_in_schema(demo):
@@ -220,8 +221,9 @@ def test_constraint_options_and_json_form():
     for choice in ("required", {"type": "any"}):
         any_tool = constraint_for({"type": "json_object"}, [WEATHER, CLOCK], choice)  # forcing wins
         assert list(any_tool.tools) == ["get_weather", "get_time"] and any_tool.many_calls and any_tool.schema is None
-    schema = constraint_for(PET_FORMAT, [WEATHER], {"type": "auto"})
-    assert schema.schema == PET and not schema.tools
+    schema = constraint_for(PET_FORMAT, [WEATHER], {"type": "auto"})  # the JSON value, or calls
+    assert schema.schema == PET and list(schema.tools) == ["get_weather"] and not schema.auto
+    assert not constraint_for(PET_FORMAT, [WEATHER], "none").tools
     assert Constraint.coerce(json.loads(json.dumps(forced.to_dict()))) == forced
 
 

@@ -6,11 +6,16 @@
 - ``tool_choice`` forcing a call: ``"required"`` (OpenAI) / ``{"type": "any"}`` (Anthropic)
   force one or more calls of any of ``tools``; ``{"type": "function", "function": {"name"}}``
   (OpenAI), ``{"type": "tool", "name"}`` (Anthropic) or a bare name force that tool.
-  ``"auto"`` / ``"none"`` / ``None`` force nothing.
+  ``"none"`` forces nothing. ``"auto"`` / ``None`` with tools: the answer is free text, but a
+  call the model starts (its ``<tool_call>`` token) must be a valid call of one of the tools
+  (only when llguidance is installed; without it auto stays unconstrained).
+- ``parallel_tool_calls=False`` (Anthropic: ``disable_parallel_tool_use`` in ``tool_choice``):
+  at most one call, then the end of the turn.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,15 +24,18 @@ from ..tool_calls import tool_schemas
 
 @dataclass(frozen=True)
 class Constraint:
-    """What the answer after ``</think>`` must be: JSON matching ``schema``, or calls of ``tools``.
+    """What the answer after ``</think>`` must be: JSON matching ``schema``, or calls of ``tools`` (both: either).
 
-    ``tools``: ``{name: parameters schema}`` of the tools a forced call may use (in order);
-    ``many_calls``: one or more calls (``required`` / ``any``), else exactly one (a named tool).
+    ``tools``: ``{name: parameters schema}`` of the tools a call may use (in order);
+    ``many_calls``: one or more calls (``required`` / ``any``), else exactly one (a named tool,
+    or ``parallel_tool_calls=False``); ``auto``: free text first, and the calls are optional
+    (the grammar switches on at the model's own ``<tool_call>``).
     """
 
     schema: dict | None = None
     tools: dict[str, dict] = field(default_factory=dict)
     many_calls: bool = False
+    auto: bool = False
 
     @property
     def kind(self) -> str:
@@ -35,7 +43,7 @@ class Constraint:
 
     def to_dict(self) -> dict:
         """JSON-safe form (what the server hands its worker, over the distributed job channel too)."""
-        return {"schema": self.schema, "tools": self.tools, "many_calls": self.many_calls}
+        return {"schema": self.schema, "tools": self.tools, "many_calls": self.many_calls, "auto": self.auto}
 
     @classmethod
     def coerce(cls, value: "Constraint | dict | None") -> "Constraint | None":
@@ -43,7 +51,7 @@ class Constraint:
         if value is None or isinstance(value, Constraint):
             return value
         return cls(schema=value.get("schema"), tools=dict(value.get("tools") or {}),
-                   many_calls=bool(value.get("many_calls")))
+                   many_calls=bool(value.get("many_calls")), auto=bool(value.get("auto")))
 
 
 def _json_constraint(response_format: Any) -> Constraint | None:
@@ -90,11 +98,13 @@ def _forced_name(tool_choice: Any) -> str | None:
 
 
 def constraint_for(response_format: Any = None, tools: list[dict] | None = None,
-                   tool_choice: Any = None) -> Constraint | None:
+                   tool_choice: Any = None, parallel_tool_calls: bool | None = None) -> Constraint | None:
     """The constraint the options ask for (``None``: unconstrained). ``ValueError`` on bad options.
 
-    A forced tool call wins over ``response_format`` (the answer is then the call).
+    A forced tool call wins over ``response_format`` (the answer is then the call); with tools
+    under auto, ``response_format`` makes the answer either its JSON value or calls.
     """
+    parallel = parallel_tool_calls is not False and not _disables_parallel(tool_choice)
     name = _forced_name(tool_choice)
     if name is not None:
         schemas = {n: _parameters(t) for n, t in _tool_defs(tools).items()}
@@ -104,8 +114,28 @@ def constraint_for(response_format: Any = None, tools: list[dict] | None = None,
             if name not in schemas:
                 raise ValueError(f"tool_choice names an unknown tool {name!r}")
             schemas = {name: schemas[name]}
-        return Constraint(tools=schemas, many_calls=not name)
-    return _json_constraint(response_format)
+        return Constraint(tools=schemas, many_calls=parallel and not name)
+    json_constraint = _json_constraint(response_format)
+    if not _is_auto(tool_choice) or importlib.util.find_spec("llguidance") is None:
+        return json_constraint
+    try:
+        schemas = {n: _parameters(t) for n, t in _tool_defs(tools).items()}
+    except ValueError:  # auto is best effort: tools the grammar cannot describe stay unconstrained
+        return json_constraint
+    if not schemas:
+        return json_constraint
+    if json_constraint is not None:  # the answer is the JSON value, or calls
+        return Constraint(schema=json_constraint.schema, tools=schemas, many_calls=parallel)
+    return Constraint(tools=schemas, many_calls=parallel, auto=True)
+
+
+def _is_auto(tool_choice: Any) -> bool:
+    return tool_choice in (None, "auto") or isinstance(tool_choice, dict) and tool_choice.get("type") == "auto"
+
+
+def _disables_parallel(tool_choice: Any) -> bool:
+    """Anthropic's ``tool_choice.disable_parallel_tool_use``."""
+    return isinstance(tool_choice, dict) and tool_choice.get("disable_parallel_tool_use") is True
 
 
 def _tool_defs(tools: list[dict] | None) -> dict[str, dict]:

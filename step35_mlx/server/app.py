@@ -158,7 +158,8 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str = "step-3.5-flash"
         settings = dict(max_tokens=req.max_completion_tokens or req.max_tokens, temperature=req.temperature,
                         top_p=req.top_p, top_k=req.top_k, seed=req.seed, stop=stops or None, clamp_max_tokens=True,
                         reasoning_budget=openai_reasoning_budget(req.reasoning_effort),
-                        constraint=request_constraint(req.response_format, tools, req.tool_choice))
+                        constraint=request_constraint(req.response_format, tools, req.tool_choice,
+                                                      req.parallel_tool_calls))
         run = engine.chat(messages, tools, settings)
         first = await first_chunk(run, request)
         rid, now = call_id("chatcmpl-"), int(time.time())
@@ -226,8 +227,9 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str = "step-3.5-flash"
         req: OAICompletionRequest = await parse(request, OAICompletionRequest)
         prompts = prompt_list(req.prompt)
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        request_constraint(req.response_format, None, None)  # a bad format (or no grammar engine): 400 here
         settings = dict(max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-                        seed=req.seed, stop=stops or None, clamp_max_tokens=True)
+                        seed=req.seed, stop=stops or None, clamp_max_tokens=True, response_format=req.response_format)
         rid, now = call_id("cmpl-"), int(time.time())
         if len(prompts) > 1 or req.echo or req.logprobs is not None or req.max_tokens == 0:
             if req.stream:

@@ -1,4 +1,4 @@
-"""``response_format`` and forcing ``tool_choice`` of a request -> the constraint the worker decodes under."""
+"""``response_format``, ``tool_choice`` and ``parallel_tool_calls`` of a request -> the worker's constraint."""
 
 from __future__ import annotations
 
@@ -10,14 +10,16 @@ from ..grammar.engine import INSTALL_HINT
 from .errors import APIError
 
 
-def request_constraint(response_format: dict | None, tools: list[dict] | None, tool_choice: Any) -> dict | None:
+def request_constraint(response_format: dict | None, tools: list[dict] | None, tool_choice: Any,
+                       parallel_tool_calls: bool | None = None) -> dict | None:
     """The request's :class:`~step35_mlx.grammar.Constraint` in its JSON form (``None``: unconstrained).
 
     Bad options are a 400 naming the field. The grammar engine is checked here too, so a
-    server without llguidance refuses the request instead of failing in the worker.
+    server without llguidance refuses the request instead of failing in the worker (tools
+    under ``tool_choice`` auto are then simply unconstrained).
     """
     try:
-        constraint = constraint_for(response_format, tools, tool_choice)
+        constraint = constraint_for(response_format, tools, tool_choice, parallel_tool_calls)
     except ValueError as e:
         raise APIError(400, str(e), param="tool_choice" if tool_choice not in (None, "auto", "none") else
                        "response_format") from None

@@ -375,7 +375,7 @@ def add_responses_routes(app: FastAPI, engine: Engine, *, parse: Callable, heade
                         top_k=req.top_k, seed=req.seed, clamp_max_tokens=True,
                         reasoning_budget=openai_reasoning_budget(effort),
                         constraint=request_constraint(text_format(getattr(req, "text", None)), tools,
-                                                      chat_tool_choice(req.tool_choice)))
+                                                      chat_tool_choice(req.tool_choice), req.parallel_tool_calls))
         run = engine.chat(messages, tools, settings)
         first = await first_chunk(run, request)
         rid = call_id("resp_")

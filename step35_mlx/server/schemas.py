@@ -50,6 +50,7 @@ class OAIChatRequest(_OAIRequest):
     messages: list[OAIMessage] = Field(min_length=1)
     tools: Optional[list[dict]] = None
     tool_choice: Union[str, dict, None] = None
+    parallel_tool_calls: Optional[bool] = None
     response_format: Optional[dict] = None
     max_tokens: Optional[int] = Field(None, ge=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
@@ -63,6 +64,7 @@ class OAICompletionRequest(_OAIRequest):
     max_tokens: Optional[int] = Field(16, ge=0)  # 0: score the prompt only (with echo)
     echo: Optional[bool] = None
     logprobs: Optional[int] = Field(None, ge=0, le=20)
+    response_format: Optional[dict] = None
 
 
 class AnthMessage(_Loose):
