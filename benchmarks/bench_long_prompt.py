@@ -12,11 +12,11 @@ Servers, each a subprocess on loopback, run one after the other:
 - mlx-lm: ``mlx_lm.server --model DIR`` on the same folder (its ``step3p5`` model reads the HF
   layout and drops the MTP layer), unless ``--no-mlx-lm``.
 
-Peak memory is the server process's peak resident set (``VmHWM``) minus its resident set after
-loading, read after each request (lengths run in increasing order, so each peak is that length's).
-For ours it is printed beside the memory plan's KV cache + activations for a context of that length
-(``step35_mlx.plan.plan_memory``, float32, unfused attention as on the CPU); weights and the plan's
-fixed 1 GiB overhead are left out of both.
+Peak memory is the server process's peak resident set (``VmHWM``), and that minus its resident set
+after loading, read after each request (lengths run in increasing order, so each peak is that
+length's). For ours they are printed beside the memory plan for a context of that length
+(``step35_mlx.plan.plan_memory``, float32, unfused attention as on the CPU): its total (weights, KV,
+activations and a fixed 1 GiB overhead) and its KV cache + activations.
 
 Usage: ``python benchmarks/bench_long_prompt.py [--lengths 8K,16K,32K,64K] [--no-mlx-lm]
 [--workdir DIR] [--json out.json]``. On the 2-core test machine: about 6 s at 8K, 25 s at 16K,
@@ -55,7 +55,9 @@ class Row:
     ttft_s: float
     prefill_tps: float
     peak_mb: float  # peak resident set minus the resident set after loading
+    peak_total_mb: float  # peak resident set
     plan_mb: float | None = None  # ours: the plan's KV + activations at this context
+    plan_total_mb: float | None = None  # ours: the plan's total (weights, KV, activations, 1 GiB overhead)
 
 
 def _free_port() -> int:
@@ -96,8 +98,10 @@ class Server:
                 time.sleep(0.5)
         self.base_rss_kb = _status_kb(self.proc.pid, "VmRSS")
 
-    def peak_mb(self) -> float:
-        return (_status_kb(self.proc.pid, "VmHWM") - self.base_rss_kb) * 1e3 / MB
+    def peak_mb(self) -> tuple[float, float]:
+        """(peak resident set minus the one after loading, peak resident set)."""
+        peak = _status_kb(self.proc.pid, "VmHWM")
+        return (peak - self.base_rss_kb) * 1e3 / MB, peak * 1e3 / MB
 
     def post(self, path: str, body: dict) -> tuple[dict, float]:
         req = urllib.request.Request(self.base + path, json.dumps(body).encode(), {"content-type": "application/json"})
@@ -124,12 +128,13 @@ def measure(server: Server, tok, lengths: list[int], plan=None) -> list[Row]:
         body, secs = server.post("/v1/chat/completions", {"model": server.model, "messages": messages, "max_tokens": 1,
                                                          "temperature": 0})
         prompt = body["usage"]["prompt_tokens"]
-        row = Row(server.name, prompt, secs, prompt / secs, server.peak_mb(),
-                  plan(prompt) if plan is not None else None)
+        planned = plan(prompt) if plan is not None else (None, None)
+        row = Row(server.name, prompt, secs, prompt / secs, *server.peak_mb(), *planned)
         rows.append(row)
         print(f"  {row.server:7s} {row.tokens:6d} tokens  TTFT {row.ttft_s:8.2f} s  prefill {row.prefill_tps:7.1f} tok/s"
-              f"  peak +{row.peak_mb:7.1f} MB" + (f"  (plan {row.plan_mb:.1f} MB)" if row.plan_mb is not None else ""),
-              flush=True)
+              f"  peak RSS {row.peak_total_mb:7.1f} MB, +{row.peak_mb:6.1f} MB after load"
+              + (f"  (plan: total {row.plan_total_mb:.1f} MB, KV + activations {row.plan_mb:.1f} MB)"
+                 if row.plan_mb is not None else ""), flush=True)
     return rows
 
 
@@ -151,10 +156,10 @@ def main() -> None:
     lengths = sorted(min(parse_tokens(s), cap - 2) for s in args.lengths.split(","))  # room for one reply token
     weights = folder_weight_sizes(folder, 4)
 
-    def plan(context: int) -> float:
+    def plan(context: int) -> tuple[float, float]:
         p = plan_memory(json.loads((folder / "config.json").read_text()), recipe=weights, context=context,
                         activation_dtype_bytes=4, fused_attention=False)
-        return (p.kv + p.activations) / MB
+        return (p.kv + p.activations) / MB, p.total / MB
 
     print(f"checkpoint {folder}; prompts {lengths} tokens; max_tokens 1, greedy")
     rows: list[Row] = []
@@ -170,13 +175,13 @@ def main() -> None:
             rows += measure(theirs, tok, lengths)
         finally:
             theirs.stop()
-        print("\n  tokens   TTFT ours / mlx-lm   prefill tok/s ours / mlx-lm (ratio)   peak MB ours / mlx-lm")
+        print("\n  tokens   TTFT ours / mlx-lm   prefill tok/s ours / mlx-lm (ratio)   peak RSS MB ours / mlx-lm")
         for r in [r for r in rows if r.server == "ours"]:
             t = next((x for x in rows if x.server == "mlx-lm" and abs(x.tokens - r.tokens) <= 64), None)
             if t is None:
                 continue
             print(f"  {r.tokens:6d}   {r.ttft_s:7.2f} / {t.ttft_s:7.2f} s   {r.prefill_tps:7.1f} / {t.prefill_tps:7.1f}"
-                  f" ({r.prefill_tps / t.prefill_tps:.2f}x)   {r.peak_mb:7.1f} / {t.peak_mb:7.1f}")
+                  f" ({r.prefill_tps / t.prefill_tps:.2f}x)   {r.peak_total_mb:7.1f} / {t.peak_total_mb:7.1f}")
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in rows], indent=1))
 

@@ -1,8 +1,9 @@
 """Long prompts through the server (issue 13): an agent-sized prompt on a 64K-context checkpoint.
 
-One scenario, at two lengths: ``CI_TOKENS`` always, and 32K prompt tokens with ``--runslow``
-(MLX's CPU build pays about 80 s per 32K prefill on the 2-core test machine, and the scenario
-prefills six times: the T^2 attention of the full layer, not the model size, sets the cost).
+One scenario, at two lengths: ``CI_TOKENS`` (about 20 s) always, and 32K prompt tokens with
+``--runslow`` (9 min on the shared 2-core test machine: MLX's CPU build pays 80 s or more per 32K
+prefill, and the scenario prefills five times; the full layer's T^2 attention, not the model size,
+sets the cost).
 
 - ``/v1/chat/completions`` (openai client) with a long system prompt: usage counts the whole
   prompt, and the greedy reply equals in-process ``stream_generate`` of the same messages;
