@@ -123,7 +123,7 @@ def measure(server: Server, tok, lengths: list[int], plan=None) -> list[Row]:
                                          "messages": [{"role": "user", "content": long_text(tok, 200, seed=0)}]})
     rows = []
     for n in lengths:
-        messages = [{"role": "system", "content": long_text(tok, n - 40, seed=n)},
+        messages = [{"role": "system", "content": long_text(tok, n - 64, seed=n)},
                     {"role": "user", "content": "Summarise the text above."}]
         body, secs = server.post("/v1/chat/completions", {"model": server.model, "messages": messages, "max_tokens": 1,
                                                          "temperature": 0})
@@ -153,7 +153,7 @@ def main() -> None:
         write_long_checkpoint(folder)
     _, tok = load(folder)
     cap = json.loads((folder / "config.json").read_text())["max_position_embeddings"]
-    lengths = sorted(min(parse_tokens(s), cap - 2) for s in args.lengths.split(","))  # room for one reply token
+    lengths = sorted(min(parse_tokens(s), cap) for s in args.lengths.split(","))  # the template adds < 64 tokens
     weights = folder_weight_sizes(folder, 4)
 
     def plan(context: int) -> tuple[float, float]:

@@ -6,7 +6,8 @@ prefill, and the scenario prefills five times; the full layer's T^2 attention, n
 sets the cost).
 
 - ``/v1/chat/completions`` (openai client) with a long system prompt: usage counts the whole
-  prompt, and the greedy reply equals in-process ``stream_generate`` of the same messages;
+  prompt, and the greedy reply equals in-process ``stream_generate`` of the same messages, whose
+  memory (KV + activations) is within 5 % of the memory plan (``step35_mlx.plan``) for that context;
 - ``/v1/messages`` (anthropic client) with the same conversation: the same reply, the prompt
   read from the cache (``cache_read_input_tokens``);
 - a second conversation sharing the system prompt hits the prefix cache at the end of the
@@ -16,6 +17,8 @@ sets the cost).
 """
 
 from __future__ import annotations
+
+import json
 
 import mlx.core as mx
 import numpy as np
@@ -28,6 +31,7 @@ pytest.importorskip("uvicorn")
 from longkit import long_model_dir, long_text  # noqa: E402
 from serverkit import live_server  # noqa: E402
 from step35_mlx import load, stream_generate  # noqa: E402
+from step35_mlx.plan import folder_weight_sizes, fused_attention_available, plan_memory  # noqa: E402
 from step35_mlx.prefix_cache import PrefixCache  # noqa: E402
 from step35_mlx.server import create_app  # noqa: E402
 
@@ -42,13 +46,30 @@ def served():
     model, tok = load(long_model_dir(), dtype=mx.float32)
     app = create_app(model, tok, model_name="long", api_key=KEY, prefix_cache=PrefixCache(model, ram_bytes=2 * 10**9))
     with live_server(app) as url:
-        yield {"url": url, "model": model, "tok": tok, "app": app}
+        yield {"url": url, "model": model, "tok": tok}
+
+
+def _planned_bytes(context: int) -> int:
+    """The memory plan's KV cache + activations for this checkpoint at ``context`` tokens (plain decoding)."""
+    folder = long_model_dir()
+    plan = plan_memory(json.loads((folder / "config.json").read_text()), recipe=folder_weight_sizes(folder, 4),
+                       context=context, activation_dtype_bytes=4, fused_attention=fused_attention_available(),
+                       mtp=False)
+    return plan.kv + plan.activations
 
 
 def _greedy(model, tok, messages: list[dict]) -> tuple[str, str]:
-    """(reasoning, answer) of in-process greedy decoding (a fresh cache: no reuse of any kind)."""
+    """(reasoning, answer) of in-process greedy decoding (a fresh cache: no reuse of any kind).
+
+    Also checks the memory it took (MLX's peak over what was allocated before: the server's caches
+    and the weights stay out) against the memory plan's KV cache + activations for the context.
+    """
+    held = mx.get_active_memory()
     chunks = list(stream_generate(model, tok, messages, max_tokens=REPLY, temperature=0))
-    assert chunks[-1].stats.prefill_tokens == chunks[-1].stats.prompt_tokens
+    stats = chunks[-1].stats
+    assert stats.prefill_tokens == stats.prompt_tokens
+    used, planned = stats.peak_memory_gb * 1e9 - held, _planned_bytes(stats.context_tokens)
+    assert 0.95 * planned <= used <= 1.05 * planned, (used, planned)
     return "".join(c.reasoning for c in chunks), "".join(c.content for c in chunks)
 
 
