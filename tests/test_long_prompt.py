@@ -1,7 +1,7 @@
 """Long prompts through the server (issue 13): an agent-sized prompt on a 64K-context checkpoint.
 
 One scenario, at two lengths: ``CI_TOKENS`` (about 20 s) always, and 32K prompt tokens with
-``--runslow`` (9 min on the shared 2-core test machine: MLX's CPU build pays 80 s or more per 32K
+``--runslow`` (3-9 min on the shared 2-core test machine: MLX's CPU build pays 40-110 s per 32K
 prefill, and the scenario prefills five times; the full layer's T^2 attention, not the model size,
 sets the cost).
 
