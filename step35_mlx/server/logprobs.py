@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from ..logprobs import TokenLogprobs
 from .errors import APIError
@@ -24,7 +24,7 @@ def prompt_list(prompt: Any) -> list[str | list[int]]:
     return prompts
 
 
-def _decoder(tokenizer: Any) -> Any:
+def _decoder(tokenizer: Any) -> Callable[[int], str]:
     """``decode([id])`` memoised: a long prompt's logprobs decode the same ids many times over."""
     seen: dict[int, str] = {}
 
