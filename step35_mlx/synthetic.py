@@ -84,6 +84,7 @@ def tiny_config(
     partial_rotary_sliding: float = 1.0,
     original_max_position_embeddings: int = 8,
     rope_factor: float = 2.0,
+    max_position_embeddings: int = 4096,
     model_type: str = "step3p5",
 ) -> dict:
     """Build a small ``config.json`` dict with the Step 3.5 Flash release's fields.
@@ -104,6 +105,8 @@ def tiny_config(
       pass zeros to disable.
     - ``model_type="step3p7"`` returns the Step 3.7 wrapper
       ``{"model_type": "step3p7", "architectures": [...], "text_config": {step3p5 dict}}``.
+
+    ``max_position_embeddings`` also sets ``max_seq_len`` (the release has both, equal).
 
     ``rms_norm_eps`` is absent, as in the release (the model default is 1e-5).
     """
@@ -132,7 +135,7 @@ def tiny_config(
     limits = _per_layer_limits(swiglu_limits, default_routed, num_layers, num_mtp)
     limits_shared = _per_layer_limits(swiglu_limits_shared, default_shared, num_layers, num_mtp)
 
-    max_pos = 4096
+    max_pos = int(max_position_embeddings)
     cfg = {
         "architectures": ["Step3p5ForCausalLM"],
         "model_type": "step3p5",

@@ -35,3 +35,20 @@ def tokens_for(vocab: int, T: int, seed: int = 0, batch: int | None = None) -> m
     rng = np.random.RandomState(seed)
     shape = (batch or 1, T)
     return mx.array(rng.randint(0, vocab, size=shape).astype(np.int32))
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", help="also run tests marked slow (minutes each)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes minutes on the CPU test machine; runs with --runslow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow")
+    for item in items:
+        if item.get_closest_marker("slow") is not None:
+            item.add_marker(skip)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from ..logprobs import TokenLogprobs
 from .errors import APIError
@@ -37,19 +37,33 @@ def implicit_bos(tokenizer: Any, prompt: str | list[int], ids: Sequence[int]) ->
     return 0 if prompt.startswith(tokenizer.decode([bos], skip_special_tokens=False)) else 1
 
 
+def _decoder(tokenizer: Any) -> Callable[[int], str]:
+    """``decode([id])`` memoised: a long prompt's logprobs decode the same ids many times over."""
+    seen: dict[int, str] = {}
+
+    def text(t: int) -> str:
+        s = seen.get(t)
+        if s is None:
+            s = seen[t] = tokenizer.decode([t], skip_special_tokens=False)
+        return s
+
+    return text
+
+
 def completion_logprobs(tokenizer: Any, scored: TokenLogprobs, first: int, offset: int) -> dict:
     """The legacy ``logprobs`` of positions ``first..``: tokens, token_logprobs, top_logprobs, text_offset.
 
     ``text_offset`` counts characters of the tokens' decoded strings from ``offset``.
     """
+    text = _decoder(tokenizer)
     tokens, offsets = [], []
     at = offset
     for t in scored.ids[first:]:
-        s = tokenizer.decode([t], skip_special_tokens=False)
+        s = text(t)
         tokens.append(s)
         offsets.append(at)
         at += len(s)
-    tops = [None if lp is None else {tokenizer.decode([i], skip_special_tokens=False): v for i, v in top}
+    tops = [None if lp is None else {text(i): v for i, v in top}
             for lp, top in zip(scored.logprobs[first:], scored.top[first:])]
     return {"tokens": tokens, "token_logprobs": scored.logprobs[first:], "top_logprobs": tops,
             "text_offset": offsets}
