@@ -1,6 +1,5 @@
 """Cheaper MTP drafts stored in draft.json: lower-bit MTP modules and the confidence gate stay exact."""
 
-import itertools
 import json
 import math
 import shutil
@@ -16,12 +15,12 @@ from step35_mlx.draft_gate import confident, draft_confidence
 from step35_mlx.draft_quant import requantize_linear
 from step35_mlx.generate import ar_tokens
 from step35_mlx.hub import DEMO_DIR
-from step35_mlx.sampling import SamplingParams, probs
-from step35_mlx.speculative import MTPDecoder, SpecStats, speculative_tokens
+from step35_mlx.sampling import SamplingParams
+from step35_mlx.speculative import MTPDecoder
 from step35_mlx.synthetic import tiny_config, write_hf_checkpoint
 
 from clirun import one_error_line, run_cli
-from test_speculative import _chi2_upper
+from samplinglaw import assert_same_law, exact_law, mtp_counts
 
 GREEDY = SamplingParams(temperature=0)
 SETTING = DraftConfig(head_bits=3, layer_bits=2, min_confidence=0.05)
@@ -119,25 +118,10 @@ def test_sampled_gated_mtp_distribution_equals_target(tmp_path_factory):
     model = load_model(path, dtype=mx.float32)
     prompt = mx.array([1, 2, 3, 4, 0, 1])
     params = SamplingParams(temperature=1.0, top_k=4)
-    seqs = np.array(list(itertools.product(range(V), repeat=3)))
-    ctx = mx.concatenate([mx.broadcast_to(prompt[None], (len(seqs), len(prompt))), mx.array(seqs[:, :2])], axis=1)
-    P = np.array(probs(model(ctx)[:, -3:], params))
-    rows = np.arange(len(seqs))
-    exact = P[rows, 0, seqs[:, 0]] * P[rows, 1, seqs[:, 1]] * P[rows, 2, seqs[:, 2]]
-    N = 400
-    counts = np.zeros(len(seqs))
-    stats = SpecStats(2)
-    for seed in range(N):
-        out = _take(speculative_tokens(model, model.make_cache(), prompt, params, depth=2, key=mx.random.key(seed),
-                                       stats=stats, min_confidence=0.25), 3)
-        counts[out[0] * V * V + out[1] * V + out[2]] += 1
+    _, exact = exact_law(model, prompt, params, 3)
+    counts, stats = mtp_counts(model, prompt, params, 3, 400, depth=2, min_confidence=0.25)
     assert min(stats.lengths) > 20  # the gate stopped after 0, 1 and 2 drafts
-    expected = exact * N
-    big = expected >= 5
-    chi2 = ((counts[big] - expected[big]) ** 2 / expected[big]).sum()
-    chi2 += (counts[~big].sum() - expected[~big].sum()) ** 2 / max(expected[~big].sum(), 1e-9)
-    assert counts[exact == 0].sum() == 0
-    assert chi2 < _chi2_upper(int(big.sum())), chi2
+    assert_same_law(counts, exact)
 
 
 def test_cli_generate_with_draft_json(demo_copy, tmp_path):

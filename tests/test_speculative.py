@@ -1,17 +1,16 @@
 """MTP modules and speculative decoding: reference parity, exactness, rollback, real drafting."""
 
-import itertools
-import math
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
 from step35_mlx import load_model
-from step35_mlx.sampling import SamplingParams, probs
+from step35_mlx.sampling import SamplingParams
 from step35_mlx.speculative import MTPDrafter, SpecStats, accept_drafts, speculative_tokens
 from step35_mlx.synthetic import tiny_config, write_hf_checkpoint
 from reference import reference_logits, reference_mtp_logits
+from samplinglaw import assert_same_law, exact_law, mtp_counts
 
 from conftest import rel_err
 
@@ -107,11 +106,6 @@ def test_accept_drafts_is_exact_oracle():
     assert abs(accepted / n - 0.5) < 0.03
 
 
-def _chi2_upper(dof: float, z: float = 3.09) -> float:
-    """Wilson-Hilferty chi-square quantile (z = 3.09: 99.9 %)."""
-    return dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
-
-
 def test_sampled_mtp_distribution_equals_target(tmp_path_factory):
     V = 5
     cfg = tiny_config(num_layers=2, full_layers={0}, moe_layers={1}, sliding_window=4, vocab_size=V,
@@ -119,29 +113,10 @@ def test_sampled_mtp_distribution_equals_target(tmp_path_factory):
     model, _ = _load(tmp_path_factory, "v5", cfg)
     prompt = mx.array([1, 2, 3, 4, 0, 1])
     params = SamplingParams(temperature=1.0, top_k=4)
-    seqs = np.array(list(itertools.product(range(V), repeat=3)))
-    ctx = mx.concatenate([mx.broadcast_to(prompt[None], (len(seqs), len(prompt))), mx.array(seqs[:, :2])], axis=1)
-    P = np.array(probs(model(ctx)[:, -3:], params))
-    rows = np.arange(len(seqs))
-    exact = P[rows, 0, seqs[:, 0]] * P[rows, 1, seqs[:, 1]] * P[rows, 2, seqs[:, 2]]
-    N = 700
-    counts = np.zeros(len(seqs))
-    stats = SpecStats(2)
-    for seed in range(N):
-        out = []
-        for t in speculative_tokens(model, model.make_cache(), prompt, params, depth=2,
-                                    key=mx.random.key(seed), stats=stats):
-            out.append(t)
-            if len(out) == 3:
-                break
-        counts[out[0] * V * V + out[1] * V + out[2]] += 1
+    _, exact = exact_law(model, prompt, params, 3)
+    counts, stats = mtp_counts(model, prompt, params, 3, 700, depth=2)
     assert 0.2 < stats.acceptance[0] < 0.95  # both branches of the acceptance rule ran
-    expected = exact * N
-    big = expected >= 5
-    chi2 = ((counts[big] - expected[big]) ** 2 / expected[big]).sum()
-    chi2 += (counts[~big].sum() - expected[~big].sum()) ** 2 / max(expected[~big].sum(), 1e-9)
-    assert counts[exact == 0].sum() == 0  # top-k excluded tokens never appear
-    assert chi2 < _chi2_upper(int(big.sum())), chi2
+    assert_same_law(counts, exact)  # top-k excluded tokens never appear
 
 
 def test_checkpoint_without_mtp_refuses_instead_of_falling_back(tmp_path_factory):
@@ -213,28 +188,10 @@ def test_sampled_reduced_vocab_mtp_distribution_equals_target(tmp_path_factory):
     model, _ = _load(tmp_path_factory, "v5r", cfg)
     prompt = mx.array([1, 2, 3, 4, 0, 1])
     params = SamplingParams(temperature=1.0)
-    seqs = np.array(list(itertools.product(range(V), repeat=2)))
-    ctx = mx.concatenate([mx.broadcast_to(prompt[None], (len(seqs), len(prompt))), mx.array(seqs[:, :1])], axis=1)
-    P = np.array(probs(model(ctx)[:, -2:], params))
-    rows = np.arange(len(seqs))
-    exact = P[rows, 0, seqs[:, 0]] * P[rows, 1, seqs[:, 1]]
-    N = 400
-    counts = np.zeros(len(seqs))
-    stats = SpecStats(1)
-    for seed in range(N):
-        out = []
-        for t in speculative_tokens(model, model.make_cache(), prompt, params, depth=1, key=mx.random.key(seed),
-                                    stats=stats, draft_vocab=mx.array([0, 1, 3], dtype=mx.int32)):
-            out.append(t)
-            if len(out) == 2:
-                break
-        counts[out[0] * V + out[1]] += 1
+    _, exact = exact_law(model, prompt, params, 2)
+    counts, stats = mtp_counts(model, prompt, params, 2, 400, depth=1, draft_vocab=mx.array([0, 1, 3], dtype=mx.int32))
     assert 0.1 < stats.acceptance[0] < 0.95
-    expected = exact * N
-    big = expected >= 5
-    chi2 = ((counts[big] - expected[big]) ** 2 / expected[big]).sum()
-    chi2 += (counts[~big].sum() - expected[~big].sum()) ** 2 / max(expected[~big].sum(), 1e-9)
-    assert chi2 < _chi2_upper(int(big.sum())), chi2
+    assert_same_law(counts, exact)
 
 
 def test_draft_vocab_file_round_trip_and_default(tmp_path, small_vocab):
