@@ -205,11 +205,11 @@ class MTPDrafter:
             logits = mx.where(mx.isfinite(logits).any(), logits, raw)
         if params.greedy:
             i = mx.argmax(logits)
-            conf = draft_confidence(logits, None, i) if self.min_confidence > 0 else None
+            conf = draft_confidence(logits, None) if self.min_confidence > 0 else None
             return (self.vocab[i] if self.vocab is not None else i).astype(mx.int32)[None], None, conf
         q = probs(logits, params)
         i = sample(q, key=key)
-        conf = draft_confidence(logits, q, i) if self.min_confidence > 0 else None
+        conf = draft_confidence(logits, q) if self.min_confidence > 0 else None
         if self.vocab is None:
             return i.astype(mx.int32)[None], q, conf
         return self.vocab[i].astype(mx.int32)[None], mx.zeros((V,), q.dtype).at[self.vocab].add(q), conf
