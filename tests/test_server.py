@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -439,3 +440,32 @@ def test_bad_sampling_values_are_400(server, extra, field):
     body = body.replace("Infinity", "1e400")
     r = httpx.post(server["url"] + "/v1/chat/completions", content=body.encode(), headers=_auth(), timeout=60)
     assert r.status_code == 400 and field in r.json()["error"]["message"], r.text
+
+
+def _tool(name: str, props: dict | None = None) -> dict:
+    return {"type": "function", "function": {"name": name, "parameters": {"type": "object", "properties": props or {}}}}
+
+
+@pytest.mark.parametrize("tools, message", [
+    ([_tool("")], "tool name ''"),
+    ([_tool("read<file>")], "without '<', '>'"),
+    ([_tool("a\nb")], "line breaks"),
+    ([_tool("t"), _tool("t")], "two tools are named 't'"),
+    ([_tool("t", {"pa>th": {"type": "string"}})], "parameter name 'pa>th'"),
+])
+def test_tool_names_the_call_syntax_cannot_carry_are_400(server, an, tools, message):
+    """``<function=NAME>`` / ``<parameter=KEY>``: a name with '<', '>' or a newline would be cut by the parser."""
+    body = {"model": "m", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}], "tools": tools}
+    r = httpx.post(server["url"] + "/v1/chat/completions", json=body, headers=_auth(), timeout=60)
+    assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
+    assert r.json()["error"]["param"] == "tools"
+    anth = [{"name": t["function"]["name"], "input_schema": t["function"]["parameters"]} for t in tools]
+    with pytest.raises(anthropic.BadRequestError, match=re.escape(message)):
+        an.messages.create(model="m", max_tokens=2, messages=[{"role": "user", "content": "hi"}], tools=anth)
+
+
+def test_usual_tool_names_pass(server, oa):
+    """MCP-style, dotted and dashed names (Claude Code, Codex, opencode send such) are accepted."""
+    tools = [_tool("mcp__github__create_issue", {"repo": {"type": "string"}}), _tool("shell.exec"), _tool("apply-patch")]
+    r = oa.chat.completions.create(model="m", max_tokens=2, messages=[{"role": "user", "content": "hi"}], tools=tools)
+    assert r.choices[0].finish_reason in ("length", "stop", "tool_calls")

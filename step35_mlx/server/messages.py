@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from .errors import APIError
@@ -191,10 +192,35 @@ def _document_text(block: dict, where: str) -> str:
                         f"got {kind!r}", param=where)
 
 
+def check_tool_names(tools: list[dict]) -> None:
+    """Refuse names the model's tool-call syntax cannot carry (``<function=NAME>``, ``<parameter=KEY>``):
+    empty, or holding ``<``, ``>`` or a line break, or a name given twice."""
+    seen: set[str] = set()
+    for i, tool in enumerate(tools):
+        fn = tool.get("function", tool) or {}
+        name = fn.get("name")
+        where = f"tools[{i}]"
+        if not isinstance(name, str) or not name.strip() or _BAD_NAME.search(name) or len(name) > 256:
+            raise APIError(400, f"{where}: tool name {name!r} must be 1-256 characters without '<', '>' or line "
+                                "breaks", param="tools")
+        if name in seen:
+            raise APIError(400, f"{where}: two tools are named {name!r}", param="tools")
+        seen.add(name)
+        props = (fn.get("parameters") or {}).get("properties") if isinstance(fn.get("parameters"), dict) else None
+        for key in props if isinstance(props, dict) else ():
+            if not key.strip() or _BAD_NAME.search(key):
+                raise APIError(400, f"{where}: parameter name {key!r} of tool {name!r} must be non-empty, without "
+                                    "'<', '>' or line breaks", param="tools")
+
+
+_BAD_NAME = re.compile(r"[<>\r\n]")
+
+
 def select_tools(tools: list[dict] | None, choice: Any, anthropic: bool) -> list[dict] | None:
     """Apply ``tool_choice``: none disables tools; a named tool keeps only that one; auto/required/any keep all."""
     if not tools:
         return None
+    check_tool_names(tools)
     if anthropic:
         kind = (choice or {}).get("type", "auto")
         if kind == "none":
