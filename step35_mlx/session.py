@@ -307,7 +307,9 @@ class ChatSession:
         finally:
             chunks.close()
             self._active = None
-            self.prefilled_tokens += len(ids) - cached
+            # a turn stopped in prefill (`should_stop`) ran only the chunks its cache holds
+            reached = len(ids) if generated else min([len(ids)] + [c.offset for c in self.cache])
+            self.prefilled_tokens += max(0, reached - cached)
             self._settle(ids + generated)
             self._store_reply("".join(raw), finish)
             if self.prefix_cache is not None:

@@ -397,5 +397,6 @@ class MTPDecoder:
                  should_stop: Callable[[], bool] | None = None) -> Iterator[int]:
         return speculative_tokens(model, cache, prompt, params, depth=self.depth, key=key,
                                   logits_processors=logits_processors, prefill_step=prefill_step,
-                                  on_prefilled=on_prefilled, should_stop=should_stop, stats=self.stats, draft_vocab=default_draft_ids(model),
+                                  on_prefilled=on_prefilled, should_stop=should_stop, stats=self.stats,
+                                  draft_vocab=default_draft_ids(model),
                                   min_confidence=load_draft_config(getattr(model, "source_path", None)).min_confidence)

@@ -106,23 +106,31 @@ def chat_model():
     return load("demo")
 
 
-@pytest.mark.parametrize("k", [2, 9])  # inside the system prompt's head, and after it
-def test_session_turn_stopped_in_prefill_then_same_conversation(chat_model, k):
-    """Stopped in the head (prefix-cache boundary) or in the rest: the turn yields nothing, nothing
-    half-stored, and the same conversation then answers as fresh greedy decoding does."""
+# 202 prompt tokens, of which 168 are the system prompt (the head, 11 chunks, when there is a prefix
+# cache): stop in the head, after it, and with no prefix cache
+@pytest.mark.parametrize("k,held,shared", [(2, 32, True), (12, 168 + STEP, True), (5, 5 * STEP, False)])
+def test_session_turn_stopped_in_prefill_then_same_conversation(chat_model, k, held, shared):
+    """The stopped turn yields nothing and leaves whole chunks in the session's cache and in the prefix
+    cache; the same conversation then answers as fresh greedy decoding does, reusing those chunks."""
     model, tok = chat_model
-    messages = _messages(60, seed=k)
+    messages = _messages(60, seed=2)
     ids = list(tok.apply_chat_template(messages, add_generation_prompt=True))
+    assert (len(ids), len(tok.apply_chat_template(messages[:1]))) == (202, 168)
     want = [c.token_ids[0] for c in stream_generate(model, tok, messages, max_tokens=6, temperature=0,
                                                     prefill_step=STEP)]
-    pc = PrefixCache(model, ram_bytes=10**8)
-    session = ChatSession(model, tok, prefix_cache=pc, prefill_step=STEP, temperature=0, max_tokens=6)
+    pc = PrefixCache(model, ram_bytes=10**8) if shared else None
+    kw = dict(prefix_cache=pc, prefill_step=STEP, temperature=0, max_tokens=6)
+    session = ChatSession(model, tok, **kw)
     check = StopAfter(k)
     assert list(session.generate_for(messages, should_stop=check)) == []
     assert check.calls == k + 1
-    held = session.context_tokens
-    assert 0 < held < len(ids) and session.cache_tokens == ids[:held] and _offsets(session.cache) == {held}
-    assert session.messages[-1].get("interrupted") is True
+    assert session.context_tokens == held and session.cache_tokens == ids[:held] and _offsets(session.cache) == {held}
+    assert session.messages[-1].get("interrupted") is True and session.prefilled_tokens == held
+    if shared:  # a new conversation restores the stopped turn's state from the prefix cache
+        other = ChatSession(model, tok, **kw)
+        assert [c.token_ids[0] for c in other.generate_for(messages)] == want
+        assert other.last_reuse == "prefix-ram" and other.last_stats.prefill_tokens == len(ids) - held
     got = [c.token_ids[0] for c in session.generate_for(messages)]
     assert got == want
-    assert session.last_stats.prefill_tokens == len(ids) - held  # the stopped turn's chunks were reused
+    if not shared:
+        assert session.last_reuse == "cache" and session.last_stats.prefill_tokens == len(ids) - held
