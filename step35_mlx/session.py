@@ -276,9 +276,9 @@ class ChatSession:
         t0 = time.perf_counter()
         done = prefill(self.model, self.cache, mx.array(ids[cached:end], dtype=mx.int32), settings.prefill_step,
                        should_stop=settings.should_stop)
-        if not done:  # settings.should_stop: the turn ends interrupted (`_settle` fixes cache_tokens)
+        self.cache_tokens = list(ids[:min(c.offset for c in self.cache)])  # `end` unless stopped
+        if not done:  # settings.should_stop: the turn ends interrupted, the cache holding whole chunks
             return _Head(stopped=True)
-        self.cache_tokens = list(ids[:end])
         pc.capture(self.cache, self.cache_tokens)
         return _Head(end - cached, time.perf_counter() - t0)
 

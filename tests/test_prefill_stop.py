@@ -134,3 +134,18 @@ def test_session_turn_stopped_in_prefill_then_same_conversation(chat_model, k, h
     assert got == want
     if not shared:
         assert session.last_reuse == "cache" and session.last_stats.prefill_tokens == len(ids) - held
+
+
+def test_session_turn_stopped_in_the_head_and_never_iterated(chat_model):
+    """The head's prefill runs when the turn starts: stopped there and the stream never read, the
+    session still knows what its cache holds and the next turn answers as fresh decoding does."""
+    model, tok = chat_model
+    messages = _messages(60, seed=2)
+    want = [c.token_ids[0] for c in stream_generate(model, tok, messages, max_tokens=6, temperature=0,
+                                                    prefill_step=STEP)]
+    session = ChatSession(model, tok, prefix_cache=PrefixCache(model, ram_bytes=10**8), prefill_step=STEP,
+                          temperature=0, max_tokens=6)
+    session.generate_for(messages, should_stop=StopAfter(3))
+    assert session.context_tokens == 3 * STEP and _offsets(session.cache) == {3 * STEP}
+    assert [c.token_ids[0] for c in session.generate_for(messages)] == want
+    assert session.last_stats.prefill_tokens == 202 - 3 * STEP
