@@ -48,6 +48,7 @@ def run(
     ``reasoning``: whether the reply starts inside ``<think>`` (``None``: look at the
     prompt). ``tools``: parse tool calls out of the answer. Checks the context budget
     and compiles ``settings.constraint`` (the answer's grammar) before anything runs.
+    ``settings.should_stop`` reaches the prefill: when it stops it, no chunk is yielded.
     """
     prompt_ids = list(prompt_ids)
     check_prompt_ids(prompt_ids, model.config.vocab_size)
@@ -88,7 +89,7 @@ def _run(model, tokenizer, cache, prompt_ids, cached, settings, budget, gen, rea
     mx.reset_peak_memory()
     tokens = gen(model, cache, mx.array(prompt_ids[cached:], dtype=mx.int32), settings.params,
                  key=key, logits_processors=processors, prefill_step=settings.prefill_step,
-                 on_prefilled=on_prefilled)
+                 on_prefilled=on_prefilled, should_stop=settings.should_stop)
     t0 = time.perf_counter()
     t_first = t0
     try:

@@ -1,12 +1,16 @@
 """Token generators: prefill a prompt into a cache, then yield sampled token ids forever.
 
 The protocol (:class:`TokenGenerator`): ``gen(model, cache, prompt, params, *, key,
-logits_processors, prefill_step, on_prefilled=None) -> Iterator[int]``. ``cache`` already
-holds some prefix; ``prompt`` (1-D, non-empty) is the rest, which the generator prefills in
-chunks before yielding sampled token ids. When the consumer stops after token ``t``, the
-cache holds prefix + prompt + every yielded token up to ``t``, possibly followed by extra
-positions (the caller trims them). ``on_prefilled()`` is called once, when the cache holds
-the whole prompt and nothing else. :func:`ar_tokens` is plain autoregressive decoding;
+logits_processors, prefill_step, on_prefilled=None, should_stop=None) -> Iterator[int]``.
+``cache`` already holds some prefix; ``prompt`` (1-D, non-empty) is the rest, which the
+generator prefills in chunks before yielding sampled token ids. When the consumer stops after
+token ``t``, the cache holds prefix + prompt + every yielded token up to ``t``, possibly
+followed by extra positions (the caller trims them). ``on_prefilled()`` is called once, when
+the cache holds the whole prompt and nothing else. ``should_stop()`` is asked before every
+prefill forward (each chunk, and the last prompt token's); when it answers True the generator
+ends without a token, the cache holding prefix + the whole chunks run so far (a long prompt
+whose client went away does not hold the machine for its whole prefill). Between tokens the
+consumer stops by closing the generator, as before. :func:`ar_tokens` is plain autoregressive decoding;
 :func:`token_generator` is the one place that picks the generator (MTP speculative decoding,
 :mod:`step35_mlx.speculative`, plugs in there). All sampling goes through
 :mod:`step35_mlx.sampling`, the one definition of the target distribution.
@@ -45,7 +49,8 @@ def new_cache(model: Any, kv_bits: int | None = None, kv_group_size: int | None 
 class TokenGenerator(Protocol):
     def __call__(self, model: Any, cache: list, prompt: mx.array, params: SamplingParams, *,
                  key: mx.array | None, logits_processors: list | None, prefill_step: int,
-                 on_prefilled: Callable[[], None] | None = None) -> Iterator[int]: ...
+                 on_prefilled: Callable[[], None] | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> Iterator[int]: ...
 
 
 def _eval_cache(cache: list) -> None:
@@ -63,13 +68,21 @@ def last_logits(model: Any, tokens: mx.array, cache: list) -> mx.array:
     return model(tokens, cache)[:, -1, :]
 
 
-def prefill(model: Any, cache: list, tokens: mx.array, prefill_step: int = 512) -> None:
-    """Run ``tokens`` (1-D) through the trunk into ``cache`` in chunks of ``prefill_step`` (no LM head)."""
+def prefill(model: Any, cache: list, tokens: mx.array, prefill_step: int = 512, *,
+            should_stop: Callable[[], bool] | None = None) -> bool:
+    """Run ``tokens`` (1-D) through the trunk into ``cache`` in chunks of ``prefill_step`` (no LM head).
+
+    ``should_stop()`` is asked before each chunk; returns False when it stopped the prefill
+    (the cache then holds the chunks run so far, whole), True when every token went in.
+    """
     tokens = tokens.reshape(-1)
     for i in range(0, tokens.size, prefill_step):
+        if should_stop is not None and should_stop():
+            return False
         _trunk(model)(tokens[i:i + prefill_step][None], cache)
         _eval_cache(cache)
         mx.clear_cache()
+    return True
 
 
 def ar_tokens(
@@ -82,8 +95,12 @@ def ar_tokens(
     logits_processors: list | None = None,
     prefill_step: int = 512,
     on_prefilled: Callable[[], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> Iterator[int]:
     """Plain autoregressive decoding: prefill ``prompt`` (chunks of ``prefill_step``), then one token per step.
+
+    ``should_stop``: asked before each prefill chunk and before the last prompt token's
+    forward; True ends the generator without a token (see the module docstring).
 
     The next step is queued with ``mx.async_eval`` before the current token is handed
     out, so the device works while the caller detokenizes and prints. Every yielded
@@ -110,7 +127,10 @@ def ar_tokens(
     # All but the last token go through the trunk with only the cache evaluated, so no position but
     # the last runs the final layer's FFN (no cache needs it), as in mlx-lm; the last token gives the logits.
     last = prompt.size - 1
-    prefill(model, cache, prompt[:last], prefill_step)
+    if not prefill(model, cache, prompt[:last], prefill_step, should_stop=should_stop):
+        return
+    if should_stop is not None and should_stop():
+        return
     y = pick(last_logits(model, prompt[last:][None], cache), history)
     mx.async_eval(y)
     if on_prefilled is not None:

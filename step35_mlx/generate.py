@@ -15,7 +15,7 @@ Layers, from the bottom (each in its own module; the names stay importable from 
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import mlx.core as mx
 
@@ -71,6 +71,7 @@ def stream_generate(
     response_format: dict | None = None,
     tool_choice: str | dict | None = None,
     parallel_tool_calls: bool = True,
+    should_stop: Callable[[], bool] | None = None,
 ) -> Iterator[GenerationChunk]:
     """Generate a reply, one :class:`GenerationChunk` per token.
 
@@ -95,6 +96,8 @@ def stream_generate(
     (``"required"``, ``"any"``, a named tool) constrain the answer after ``</think>`` by a grammar
     (:mod:`step35_mlx.grammar`, needs the extra ``grammar``); with ``tools`` and ``tool_choice`` auto
     (the default) a call the model opens must be valid; ``parallel_tool_calls=False``: at most one call.
+    ``should_stop``: asked before each prefill chunk (``prefill_step`` tokens); True ends the
+    stream without a chunk (a server whose client went away); between tokens, stop iterating.
     """
     settings = resolve_settings(
         model, tokenizer, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
@@ -102,6 +105,7 @@ def stream_generate(
         prefill_step=prefill_step, max_context=max_context, mtp=mtp, draft_depth=draft_depth,
         generation_config=generation_config, reasoning_budget=reasoning_budget, clamp_max_tokens=clamp_max_tokens,
         constraint=constraint_for(response_format, tools, tool_choice, parallel_tool_calls),
+        should_stop=should_stop,
     )
     ids = encode_prompt(tokenizer, prompt_or_messages, tools)
     cache = new_cache(model, kv_bits, kv_group_size)

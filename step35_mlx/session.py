@@ -76,6 +76,7 @@ class _Head:
 
     tokens: int = 0
     seconds: float = 0.0
+    stopped: bool = False  # settings.should_stop stopped it
 
     def count_in(self, stats: GenerationStats, reuse: str) -> None:
         """Add the head's prefill to a chunk's statistics (``run`` counted only the rest)."""
@@ -104,7 +105,9 @@ class ChatSession:
 
     ``send(text)`` streams the reply as :class:`GenerationChunk` s; ``ask(text)`` returns
     the answer. Stopping a ``send`` stream early (``close()``, Ctrl-C) keeps the
-    partial reply in the history. ``add_tool_result(name, content)`` then
+    partial reply in the history; so does a ``should_stop=`` callable (a per-turn setting of
+    ``send``/``respond``/``generate_for``) that stops the prompt's prefill between chunks: the
+    turn then yields nothing and the cache keeps the chunks already run. ``add_tool_result(name, content)`` then
     ``respond()`` continues after tool calls. ``prefix_cache=`` shares cached prefixes
     with other sessions (see the module docstring).
     """
@@ -246,8 +249,11 @@ class ChatSession:
             if pc is not None:
                 pc.capture(self.cache, keys)
 
-        chunks = run(model, self.tokenizer, self.cache, ids, cached + head.tokens, settings,
-                     reasoning=True, tools=self.tools, on_prefilled=on_prefilled)
+        if head.stopped:
+            chunks: Iterator[GenerationChunk] = (c for c in ())
+        else:
+            chunks = run(model, self.tokenizer, self.cache, ids, cached + head.tokens, settings,
+                         reasoning=True, tools=self.tools, on_prefilled=on_prefilled)
         self._active = self._consume(chunks, keys, cached, head)
         return self._active
 
@@ -268,8 +274,11 @@ class ChatSession:
         if not cached < end < len(ids) - 1 or ids[:end] != prefix:
             return _Head()
         t0 = time.perf_counter()
-        prefill(self.model, self.cache, mx.array(ids[cached:end], dtype=mx.int32), settings.prefill_step)
-        self.cache_tokens = list(ids[:end])
+        done = prefill(self.model, self.cache, mx.array(ids[cached:end], dtype=mx.int32), settings.prefill_step,
+                       should_stop=settings.should_stop)
+        self.cache_tokens = list(ids[:min(c.offset for c in self.cache)])  # `end` unless stopped
+        if not done:  # settings.should_stop: the turn ends interrupted, the cache holding whole chunks
+            return _Head(stopped=True)
         pc.capture(self.cache, self.cache_tokens)
         return _Head(end - cached, time.perf_counter() - t0)
 
@@ -298,7 +307,9 @@ class ChatSession:
         finally:
             chunks.close()
             self._active = None
-            self.prefilled_tokens += len(ids) - cached
+            # a turn stopped in prefill (`should_stop`) ran only the chunks its cache holds
+            reached = len(ids) if generated else min([len(ids)] + [c.offset for c in self.cache])
+            self.prefilled_tokens += max(0, reached - cached)
             self._settle(ids + generated)
             self._store_reply("".join(raw), finish)
             if self.prefix_cache is not None:

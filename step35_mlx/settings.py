@@ -102,6 +102,7 @@ class Settings:
     clamp_max_tokens: bool = False  # max_tokens past the context: stop at the context ("length"), not ValueError
     reasoning_budget: int | None = None  # close </think> after this many generated tokens (see thinking.py)
     constraint: Constraint | None = None  # the answer's required shape (response_format, forced tools)
+    should_stop: Callable[[], bool] | None = None  # asked before each prefill chunk: True abandons the request
 
     def budget(self, prompt_tokens: int) -> int:
         """``max_tokens`` for a prompt of this length; ``ValueError`` when it does not fit the context."""
@@ -144,6 +145,7 @@ def resolve_settings(
     clamp_max_tokens: bool = False,
     reasoning_budget: int | None = None,
     constraint: Constraint | dict | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> Settings:
     gc = model_generation_config(model, tokenizer) if generation_config is None else generation_config
 
@@ -197,6 +199,7 @@ def resolve_settings(
         clamp_max_tokens=bool(clamp_max_tokens),
         reasoning_budget=reasoning_budget,
         constraint=Constraint.coerce(constraint),
+        should_stop=should_stop,
     )
 
 

@@ -299,6 +299,7 @@ def speculative_tokens(
     logits_processors: Sequence[LogitsProcessor] | None = (),
     prefill_step: int = 512,
     on_prefilled: Callable[[], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
     stats: SpecStats | None = None,
     history: Sequence[int] | None = None,
     drafter: MTPDrafter | None = None,
@@ -309,7 +310,8 @@ def speculative_tokens(
 
     Same protocol as plain decoding (``decode.ar_tokens``): ``prompt`` (1-D) is prefilled
     into ``cache``, whose earlier contents are ``history[:-len(prompt)]`` (default: none);
-    ``on_prefilled`` runs once the prompt is in the cache. When the consumer stops, the
+    ``on_prefilled`` runs once the prompt is in the cache; ``should_stop()``, asked before each
+    prefill chunk, ends the generator without a token when True. When the consumer stops, the
     cache holds the prompt and exactly the tokens yielded (rows verified past the last
     yielded token are trimmed; a last token not yet verified is fed). Pass the ``drafter``
     of the previous call to keep the MTP caches across turns; one that does not line up
@@ -335,6 +337,8 @@ def speculative_tokens(
                          min_confidence=drafter.min_confidence)
     hidden = None
     for s in range(0, len(prompt_ids), prefill_step):
+        if should_stop is not None and should_stop():
+            return
         hidden = model.trunk(prompt[None, s : s + prefill_step], cache)
         drafter.add_hidden(hidden)
         drafter.absorb(tokens)
@@ -389,8 +393,10 @@ class MTPDecoder:
 
     def __call__(self, model: Model, cache: list, prompt: mx.array, params: SamplingParams, *,
                  key: mx.array | None = None, logits_processors: Sequence[LogitsProcessor] | None = None,
-                 prefill_step: int = 512, on_prefilled: Callable[[], None] | None = None) -> Iterator[int]:
+                 prefill_step: int = 512, on_prefilled: Callable[[], None] | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> Iterator[int]:
         return speculative_tokens(model, cache, prompt, params, depth=self.depth, key=key,
                                   logits_processors=logits_processors, prefill_step=prefill_step,
-                                  on_prefilled=on_prefilled, stats=self.stats, draft_vocab=default_draft_ids(model),
+                                  on_prefilled=on_prefilled, should_stop=should_stop, stats=self.stats,
+                                  draft_vocab=default_draft_ids(model),
                                   min_confidence=load_draft_config(getattr(model, "source_path", None)).min_confidence)

@@ -24,8 +24,10 @@ def scripted(ids: list[int], fail_after: int | None = None) -> Callable[..., Ite
     """Yields ``ids`` (the whole reply fed in one forward: the cache may run ahead of the yielded
     tokens, as the protocol allows); ``fail_after``: raise ``RuntimeError`` after that many tokens."""
 
-    def gen(model, cache, prompt, params, *, key, logits_processors, prefill_step, on_prefilled=None):
-        decode.prefill(model, cache, prompt, prefill_step)
+    def gen(model, cache, prompt, params, *, key, logits_processors, prefill_step, on_prefilled=None,
+            should_stop=None):
+        if not decode.prefill(model, cache, prompt, prefill_step, should_stop=should_stop):
+            return
         if on_prefilled is not None:
             on_prefilled()
         decode.prefill(model, cache, mx.array(ids), prefill_step)
@@ -41,8 +43,10 @@ def scripted(ids: list[int], fail_after: int | None = None) -> Callable[..., Ite
 def endless(token: int, delay: float = 0.0) -> Callable[..., Iterator[int]]:
     """Yields ``token`` forever, one forward each (``delay`` seconds apart): only a limit ends the reply."""
 
-    def gen(model, cache, prompt, params, *, key, logits_processors, prefill_step, on_prefilled=None):
-        decode.prefill(model, cache, prompt, prefill_step)
+    def gen(model, cache, prompt, params, *, key, logits_processors, prefill_step, on_prefilled=None,
+            should_stop=None):
+        if not decode.prefill(model, cache, prompt, prefill_step, should_stop=should_stop):
+            return
         if on_prefilled is not None:
             on_prefilled()
         while True:

@@ -39,11 +39,14 @@ class JobChannel:
         return bool(mx.distributed.all_sum(mine, group=self.group).item())
 
 
-def run_job(engine: Any, job: dict) -> Iterator:
-    """The generation ``job`` names, on ``engine`` (``server.Engine``): the same call on every rank."""
+def run_job(engine: Any, job: dict, should_stop: Callable[[], bool] | None = None) -> Iterator:
+    """The generation ``job`` names, on ``engine`` (``server.Engine``): the same call on every rank.
+
+    ``should_stop``: the prefill's stop check (single machine only: ranks must run the same chunks).
+    """
     if job["kind"] == "chat":
-        return engine.session.generate_for(job["messages"], job["tools"], **job["settings"])
-    return engine.start_completion(job["prompt"], job["settings"])
+        return engine.session.generate_for(job["messages"], job["tools"], should_stop=should_stop, **job["settings"])
+    return engine.start_completion(job["prompt"], job["settings"], should_stop)
 
 
 def consume(chunks: Iterator, channel: JobChannel, post: Callable[[Any], None], cancelled: Callable[[], bool]) -> None:

@@ -25,7 +25,7 @@ END = object()  # posted after the last chunk
 class Run:
     """One generation on the worker thread; events come back through an asyncio queue."""
 
-    def __init__(self, engine: "Engine", start: Callable[[], Iterator[GenerationChunk]]) -> None:
+    def __init__(self, engine: "Engine", start: Callable[[Callable[[], bool]], Iterator[GenerationChunk]]) -> None:
         self.engine = engine
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
@@ -43,7 +43,7 @@ class Run:
         try:
             if self.cancelled.is_set():
                 return
-            gen = self.start()
+            gen = self.start(self.should_stop)
             if self.engine.channel is not None:  # several ranks: stop where rank 0 stops
                 from ..distributed.serving import consume
 
@@ -66,6 +66,11 @@ class Run:
 
     def cancel(self) -> None:
         self.cancelled.set()
+
+    def should_stop(self) -> bool:
+        """The generation's stop check, asked before each prefill chunk: whether the client went away."""
+        self.engine.prefill_checks += 1
+        return self.cancelled.is_set()
 
     async def next(self, request: Request | None = None) -> Any:
         """The next chunk, an exception, or ``END``; with ``request``, checks for a disconnect meanwhile."""
@@ -94,6 +99,8 @@ class Engine:
         self.inflight = 0  # accepted requests not finished (one running, the rest waiting)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="step35-generate")
         self.served = 0
+        # Prefill chunks begun (stop checks made) over the engine's life: shows a prefill is under way.
+        self.prefill_checks = 0
 
     def close(self) -> None:
         """Stop the worker thread (after the generation in progress, if any), and the other ranks."""
@@ -109,7 +116,8 @@ class Engine:
     def eos_ids(self) -> frozenset[int]:
         return self.session.settings().eos_ids
 
-    def submit(self, start: Callable[[], Iterator[GenerationChunk]]) -> Run:
+    def submit(self, start: Callable[[Callable[[], bool]], Iterator[GenerationChunk]]) -> Run:
+        """Queue ``start(should_stop)``, called on the worker thread; it returns the generation's chunks."""
         if self.inflight > self.max_queue:
             raise APIError(429, f"the server is busy: {self.inflight - 1} requests are waiting "
                                 f"(the queue holds {self.max_queue}); retry later", kind="rate_limit_error")
@@ -125,10 +133,11 @@ class Engine:
     def complete(self, prompt: str, settings: dict) -> Run:
         return self._job({"kind": "complete", "prompt": prompt, "settings": settings})
 
-    def start_completion(self, prompt: str, settings: dict) -> Iterator[GenerationChunk]:
+    def start_completion(self, prompt: str, settings: dict,
+                         should_stop: Callable[[], bool] | None = None) -> Iterator[GenerationChunk]:
         kw = {**self.defaults, **{k: v for k, v in settings.items() if v is not None}}
         return stream_generate(self.model, self.tokenizer, prompt, prefix_cache=self.prefix_cache,
-                               generation_config=self.generation_config, **kw)
+                               generation_config=self.generation_config, should_stop=should_stop, **kw)
 
     async def score(self, ids: list[int], top: int, start: int) -> TokenLogprobs:
         """Log-probabilities of ``ids`` (see :func:`step35_mlx.logprobs.score`), on the worker thread."""
@@ -140,10 +149,11 @@ class Engine:
     def _job(self, job: dict) -> Run:
         from ..distributed.serving import run_job
 
-        def start() -> Iterator[GenerationChunk]:
+        def start(should_stop: Callable[[], bool]) -> Iterator[GenerationChunk]:
             if self.channel is not None:  # on the worker thread, so the ranks see jobs in order
                 self.channel.share_job(job)
-            return run_job(self, job)
+                return run_job(self, job)  # the ranks must stop together: between tokens only (`consume`)
+            return run_job(self, job, should_stop)  # a client gone during prefill frees the worker within a chunk
 
         return self.submit(start)
 
