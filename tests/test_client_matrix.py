@@ -36,10 +36,10 @@ def base():
 
 
 @pytest.mark.parametrize("client", list(CASES))
-def test_client_scenarios(base, client):
+def test_client_scenarios(request, client):
     case = CASES[client]
-    pytest.importorskip(case.module)
-    cells = run_case(case, base)
+    pytest.importorskip(case.module)  # before the server starts: no client installed, no server
+    cells = run_case(case, request.getfixturevalue("base"))
     failed = [f"{c.scenario}: {c.detail}" for c in cells if c.status == "FAIL"]
     assert not failed, failed
     assert sum(c.status == "ok" for c in cells) >= 3, [(c.scenario, c.status, c.detail) for c in cells]
