@@ -8,11 +8,15 @@ imported inside its functions, so a missing one only skips its rows.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field
+
+# litellm fetches its price list from GitHub at import unless told to use its bundled copy: loopback only here
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 KEY = "matrix-key"
 MODEL = "step-demo"
