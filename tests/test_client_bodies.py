@@ -5,7 +5,8 @@ LangChain ``bind_tools(tool_choice=...)`` on the Responses API, ``ChatAnthropic.
 came back with ``finish_reason: "stop"`` and no call / no JSON when the model ended its reply with
 end-of-sequence inside its reasoning (the grammar only starts after ``</think>``). Now the end token's
 probability goes to ``</think>`` while a constraint that must produce something is pending, so every
-reply carries the call or the value, unless ``max_tokens`` cuts it (``length``).
+reply carries the call or the value, unless ``max_tokens`` cuts it (``length``). And a call that
+``max_tokens`` cut is ``length`` / ``max_tokens``, not ``tool_calls`` with incomplete arguments.
 """
 
 from __future__ import annotations
@@ -71,6 +72,31 @@ def test_captured_body_always_delivers_the_constrained_answer(server, name):
         if case["path"] == "/v1/chat/completions" and "response_format" in case["body"] and reason == "stop":
             value = json.loads(reply["choices"][0]["message"]["content"])
             assert value["kind"] in ("cat", "dog") and 0 <= value["age"] <= 30
+
+
+@pytest.mark.parametrize("name", ["litellm_tool_choice", "langchain_anthropic_structured"])
+def test_a_call_cut_by_max_tokens_is_length_not_a_call(server, name):
+    """LangChain ran a forced ``get_weather`` with ``{}``: the token limit had cut the call, yet the reply said
+    ``tool_calls``. A call cut before ``</function>`` now ends ``length`` / ``max_tokens``; a whole one is a call."""
+    case = BODIES[name]
+    required = set(next(iter(tool.get("function", tool).get("parameters") or tool.get("input_schema")
+                             for tool in case["body"]["tools"]))["required"])
+    seen = set()
+    for limit in (36, 44, 56, 120):  # greedy: the reasoning closes after about 30 tokens, then the call
+        reply = post(server["url"] + case["path"], {**case["body"], "max_tokens": limit, "temperature": 0})
+        if case["path"] == "/v1/chat/completions":
+            choice = reply["choices"][0]
+            end, calls = choice["finish_reason"], [json.loads(c["function"]["arguments"])
+                                                   for c in choice["message"].get("tool_calls") or []]
+            whole = end == "tool_calls"
+        else:
+            end, calls = reply["stop_reason"], [b["input"] for b in reply["content"] if b["type"] == "tool_use"]
+            whole = end == "tool_use"
+        assert whole or end in ("length", "max_tokens"), (limit, end)
+        if whole:
+            assert calls and all(required <= set(args) for args in calls), (limit, calls)
+        seen.add((whole, bool(calls)))
+    assert seen >= {(True, True), (False, True)}, seen  # both a cut call and a whole one were seen
 
 
 def test_end_of_sequence_in_reasoning_becomes_think_close():
