@@ -219,13 +219,13 @@ def _agents_model(base: str, style: str, client=None):
 
 
 def _agents_cut(fn: Callable[[str], str]) -> Callable[[str], str]:
-    """openai-agents raises on a reply cut at ``max_output_tokens`` (the demo model reasoning on): a model row."""
+    """openai-agents raises on a reply cut at the token limit (the demo model reasoning on): a model row."""
     def run(base: str) -> str:
         from agents.exceptions import ModelBehaviorError
         try:
             return fn(base)
         except ModelBehaviorError as e:
-            if "max_output_tokens" in str(e):
+            if "max_output_tokens" in str(e) or "finish_reason='length'" in str(e):
                 raise ModelWeakness("reply cut at max_output_tokens") from e
             raise
     return run
