@@ -61,7 +61,10 @@ def test_openai_required_tool_choice_forces_a_valid_call(server):
         choice = r.choices[0]
         if not choice.message.tool_calls and not choice.message.content:
             continue  # the reasoning did not close: no answer to mask
-        assert choice.finish_reason == "tool_calls" and not (choice.message.content or "").strip()
+        assert not (choice.message.content or "").strip()
+        # "length": max_tokens cut the last call before its </function> (its arguments are incomplete)
+        assert choice.finish_reason == "tool_calls" or (choice.finish_reason == "length"
+                                                         and r.usage.completion_tokens >= 200)
         calls = choice.message.tool_calls
         if r.usage.completion_tokens >= 200:  # one or more calls are allowed: max_tokens cut the last one
             calls = calls[:-1]

@@ -6,7 +6,9 @@ the context of the row being sampled (the uncached prompt, then every token befo
 row). It finds the answer in the context (the tokens after the first ``</think>``, or all
 generated tokens when the reply does not start in reasoning), brings the matcher to it
 (rolling back tokens that are no longer there, as after rejected MTP drafts) and sets every
-token the grammar forbids to ``-inf``. Rows inside the reasoning pass unchanged.
+token the grammar forbids to ``-inf``. Rows inside the reasoning pass unchanged, except that a
+constraint that must produce something (a forced call, a JSON value) cannot let the reply end there:
+the end-of-sequence tokens' probability moves to ``</think>``, so "stop now" becomes "answer now".
 """
 
 from __future__ import annotations
@@ -74,14 +76,23 @@ class GrammarProcessor:
     """Masks the logits of each answer row to the tokens ``matcher`` allows (see the module docstring).
 
     ``start``: tokens of the context before the first generated token (the uncached prompt);
-    ``think_close``: the ``</think>`` token id when the reply starts inside the reasoning, else ``None``.
+    ``think_close``: the ``</think>`` token id when the reply starts inside the reasoning, else ``None``;
+    ``eos_ids``: end-of-sequence ids turned into ``</think>`` inside the reasoning (empty: the reply may
+    end in its reasoning, as under ``tool_choice`` auto).
     """
 
-    def __init__(self, matcher: Any, vocab_size: int, start: int, think_close: int | None):
+    def __init__(self, matcher: Any, vocab_size: int, start: int, think_close: int | None,
+                 eos_ids: frozenset[int] | set[int] = frozenset()):
         ll = llg()
         self.matcher = matcher
         self.start = start
         self.think_close = think_close
+        ends = [i for i in sorted(eos_ids) if i < vocab_size and i != think_close]
+        self.end_mask = self.close_mask = None
+        if ends and think_close is not None:
+            ids = mx.arange(vocab_size)
+            self.end_mask = (ids[None, :] == mx.array(ends)[:, None]).any(axis=0)
+            self.close_mask = ids == think_close
         self.consumed: list[int] = []
         self.bitmask = ll.numpy.allocate_token_bitmask(1, vocab_size)
         self.vocab_size = vocab_size
@@ -124,7 +135,14 @@ class GrammarProcessor:
     def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
         mx.async_eval(logits)  # the forward runs on the device while the host reads the context and masks
         answer = self.answer([int(t) for t in tokens[self.start:].tolist()])
-        return logits if answer is None else self.mask(answer, logits)
+        if answer is None:
+            return logits if self.end_mask is None else self.close_instead_of_end(logits)
+        return self.mask(answer, logits)
+
+    def close_instead_of_end(self, logits: mx.array) -> mx.array:
+        """A reasoning row: ``</think>`` takes the end tokens' probability (log-sum-exp), which become ``-inf``."""
+        end = mx.logsumexp(mx.where(self.end_mask, logits, -math.inf), axis=-1, keepdims=True)
+        return mx.where(self.close_mask, mx.logaddexp(logits, end), mx.where(self.end_mask, -math.inf, logits))
 
     def mask(self, segment: list[int], logits: mx.array) -> mx.array:
         """``logits`` with every token the grammar forbids after ``segment`` (the tokens it has read) at ``-inf``."""

@@ -53,4 +53,4 @@ def grammar_processor(constraint: Constraint, tokenizer: Any, *, vocab_size: int
     if constraint.auto:
         return AutoToolProcessor(matcher, vocab_size, start, think_close, opener,
                                  OpenerGuard.for_tokenizer(lltok, opener), lltok)
-    return GrammarProcessor(matcher, vocab_size, start, think_close)
+    return GrammarProcessor(matcher, vocab_size, start, think_close, eos_ids)

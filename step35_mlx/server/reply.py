@@ -83,13 +83,17 @@ class Reply:
     def cached_tokens(self) -> int:
         return (self.stats.prompt_tokens - self.stats.prefill_tokens) if self.stats else 0
 
+    def _call_cut(self) -> bool:
+        """The token limit cut the last call before its ``</function>``: its arguments are incomplete."""
+        return self.finish == "length" and bool(self.tool_calls) and "</function>" not in self.tool_calls[-1].raw
+
     def openai_finish(self) -> str | None:
-        if self.tool_calls:
+        if self.tool_calls and not self._call_cut():
             return "tool_calls"
         return self.finish
 
     def anthropic_stop(self) -> str:
-        if self.tool_calls:
+        if self.tool_calls and not self._call_cut():
             return "tool_use"
         if self.finish == "length":
             return "max_tokens"
