@@ -20,16 +20,23 @@ def reply_ids(tok: Any, text: str) -> list[int]:
     return tok.encode(text, add_special_tokens=False) + [sorted(tok.eos_token_ids or [2])[0]]
 
 
+def _prompt_in(model, cache, prompt, prefill_step, on_prefilled, should_stop) -> bool:
+    """Prefill the prompt as the real generators do (stoppable between chunks); False when stopped."""
+    if not decode.prefill(model, cache, prompt, prefill_step, should_stop=should_stop):
+        return False
+    if on_prefilled is not None:
+        on_prefilled()
+    return True
+
+
 def scripted(ids: list[int], fail_after: int | None = None) -> Callable[..., Iterator[int]]:
     """Yields ``ids`` (the whole reply fed in one forward: the cache may run ahead of the yielded
     tokens, as the protocol allows); ``fail_after``: raise ``RuntimeError`` after that many tokens."""
 
     def gen(model, cache, prompt, params, *, key, logits_processors, prefill_step, on_prefilled=None,
             should_stop=None):
-        if not decode.prefill(model, cache, prompt, prefill_step, should_stop=should_stop):
+        if not _prompt_in(model, cache, prompt, prefill_step, on_prefilled, should_stop):
             return
-        if on_prefilled is not None:
-            on_prefilled()
         decode.prefill(model, cache, mx.array(ids), prefill_step)
         if fail_after is None:
             yield from ids
@@ -45,10 +52,8 @@ def endless(token: int, delay: float = 0.0) -> Callable[..., Iterator[int]]:
 
     def gen(model, cache, prompt, params, *, key, logits_processors, prefill_step, on_prefilled=None,
             should_stop=None):
-        if not decode.prefill(model, cache, prompt, prefill_step, should_stop=should_stop):
+        if not _prompt_in(model, cache, prompt, prefill_step, on_prefilled, should_stop):
             return
-        if on_prefilled is not None:
-            on_prefilled()
         while True:
             decode.last_logits(model, mx.array([[token]]), cache)
             decode._eval_cache(cache)
