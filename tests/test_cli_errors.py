@@ -41,6 +41,7 @@ GENERATE = ["generate", "-p", "What is a tuple?", "-n", "4"]
     (["--top-p", "inf"], "top_p must be in (0, 1]"),
     (["--draft-depth", "0"], "draft_depth must be 1, 2 or 3"),
     (["--max-tokens", "0"], "max_tokens must be >= 1"),
+    (["--parallel", "tensor", "--streams", "2"], "--streams 2 does not work with --parallel"),
 ])
 def test_bad_generation_settings(home, args, message):
     assert message in one_error_line(run_cli(GENERATE + args, home))

@@ -41,6 +41,9 @@ def load_for_cli(model: Optional[str], announce: Callable[[str], None], *, max_c
     if parallel is not None:
         from .parallel import load_parallel_for_cli
 
+        if streams == 2:
+            fail("--streams 2 does not work with --parallel (each rank decodes on one stream)")
+
         return load_parallel_for_cli(model, announce, parallel, split, mtp=mtp is not False,
                                      max_context=max_context, kv_bits=kv_bits)
     from ..hub import DEMO_DIR, ModelNotFoundError, resolve_model
