@@ -39,6 +39,11 @@ def trunk_fixed_bytes(model: Model) -> int:
     return total
 
 
+def decode_step_bytes(model: Model) -> int:
+    """Weight bytes one plain decode step reads: the fixed part and ``top_k`` experts per MoE layer."""
+    return trunk_fixed_bytes(model) + sum(l.moe.top_k * expert_bytes(l.moe) for l in model.layers if l.is_moe)
+
+
 def mtp_module_bytes(model: Model, depth: int) -> int:
     """Bytes one call of MTP module ``depth`` reads, its own output head included."""
     return nbytes(model.model.mtp[depth])

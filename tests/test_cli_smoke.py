@@ -24,7 +24,7 @@ def test_version(home):
 
 
 def test_generate_on_the_demo(home):
-    r = run_cli(["generate", "-p", "What is a tuple?", "-t", "0", "-n", "12", "--json"], home)
+    r = run_cli(["generate", "-p", "What is a tuple?", "-t", "0", "-n", "12", "--json", "--streams", "2"], home)
     assert r.returncode == 0, r.stderr
     assert NO_TRACEBACK not in r.stderr
     out = json.loads(r.stdout)
@@ -32,7 +32,7 @@ def test_generate_on_the_demo(home):
     assert out["reasoning"], "the demo starts inside <think>"
     # the empty-answer note appears exactly when the 12 tokens ended inside the reasoning
     assert ("note: the answer is empty" in r.stderr) == (out["text"] == "")
-    # from stdin, on one CPU stream (the --json run above took the default, two on this CPU): same answer
+    # from stdin, on one CPU stream (the run above used two): the same answer
     r2 = run_cli(["generate", "-p", "-", "-t", "0", "-n", "12", "--streams", "1", "--json"], home,
                  input="What is a tuple?\n")
     assert r2.returncode == 0, r2.stderr

@@ -6,8 +6,8 @@ import mlx.core as mx
 import pytest
 
 from step35_mlx import load_model
-from step35_mlx.costs import expert_bytes, trunk_fixed_bytes
-from step35_mlx.streams import choose_streams, usable_cores
+from step35_mlx.costs import decode_step_bytes, expert_bytes, trunk_fixed_bytes
+from step35_mlx.streams import MIN_SPLIT_BYTES, choose_streams, usable_cores
 from step35_mlx.synthetic import tiny_config, write_hf_checkpoint
 from step35_mlx.tune import best, measure
 from step35_mlx.tuned import TuneResult, load_choice, load_streams, save_choice
@@ -32,6 +32,8 @@ def test_measure_reports_every_mode_with_real_costs(tiny):
     upper = trunk_fixed_bytes(model) + sum(2 * expert_bytes(m) for m in moes)
     lower = trunk_fixed_bytes(model) + sum(expert_bytes(m) for m in moes)
     assert lower <= plain.bytes_per_token <= upper
+    # the static per-step estimate the CLI's two-stream default uses bounds the recorded cost
+    assert plain.bytes_per_token <= decode_step_bytes(model) <= upper
     assert all(r.tokens_per_s > 0 for r in results)
     assert any(r.tokens_per_verify > 1.2 for r in results[1:])
     assert best(results) in results
@@ -63,7 +65,12 @@ def test_streams_rule():
         return
     assert choose_streams(1, 2) == 1 and choose_streams(2, 1) == 2
     assert choose_streams(None, 1) == 1 and choose_streams(None, 2) == 2
-    assert choose_streams(None) == (2 if usable_cores() >= 2 else 1)
+    two = 2 if usable_cores() >= 2 else 1
+    assert choose_streams(None) == two
+    # a model too small to pay for the handoffs stays on one stream unless tuned or asked
+    assert choose_streams(None, None, MIN_SPLIT_BYTES - 1) == 1
+    assert choose_streams(None, None, MIN_SPLIT_BYTES) == two
+    assert choose_streams(None, 2, 1) == 2 and choose_streams(2, None, 1) == 2
     with pytest.raises(ValueError, match="1 or 2"):
         choose_streams(3)
 

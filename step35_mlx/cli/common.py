@@ -16,7 +16,7 @@ MAX_CONTEXT_OPTION = typer.Option(None, "--max-context", help="Context limit in 
 PREFILL_STEP_OPTION = typer.Option(512, "--prefill-step", help="Prompt tokens per prefill chunk; smaller bounds memory on long prompts.")
 KV_BITS_OPTION = typer.Option(None, "--kv-bits", help="Store the KV cache quantized (4 or 8 bits).")
 VISION_OPTION = typer.Option(True, "--vision/--no-vision", help="Step 3.7: load the vision tower (default) or skip its ~4 GB when no images are needed.")
-STREAMS_OPTION = typer.Option(None, "--streams", min=1, max=2, help="CPU streams for decoding: 2 splits each MoE layer's work over two cores, same output (default: what `step35-mlx tune` measured for this model, else 2 on the CPU device with 2+ cores; always 1 on a GPU).")
+STREAMS_OPTION = typer.Option(None, "--streams", min=1, max=2, help="CPU streams for decoding: 2 splits each step's work over two cores, same output (default: what `step35-mlx tune` measured for this model, else 2 on the CPU device with 2+ cores for models that read 16 MiB or more a token; always 1 on a GPU).")
 SEED_OPTION = typer.Option(None, "--seed", help="Random seed for reproducible sampling (0 to 2^64-1).")
 CACHE_DISK_OPTION = typer.Option("0", "--cache-disk", help="Prefix cache on SSD (e.g. 64GB): KV state of earlier prompts, kept across runs; 0 (default) = off.")
 CACHE_DIR_OPTION = typer.Option(Path("~/.cache/step35-mlx/kv"), "--cache-dir", help="Folder of the SSD prefix cache (one subfolder per model and KV format).")

@@ -51,6 +51,7 @@ def load_for_cli(model: Optional[str], announce: Callable[[str], None], *, max_c
     from ..mlx_lm_format import read_folder
     from ..plan import InsufficientMemoryError, preflight
     from ..settings import read_generation_config
+    from ..costs import decode_step_bytes
     from ..streams import choose_streams, use_two_streams
     from ..tuned import load_streams
 
@@ -84,7 +85,7 @@ def load_for_cli(model: Optional[str], announce: Callable[[str], None], *, max_c
         if VisionConfig.from_config(folder.config.raw) is None:
             fail(NO_VISION)
     try:
-        n_streams = choose_streams(streams, load_streams(path))
+        choose_streams(streams)  # a --streams the device cannot take fails before any weight is read
     except ValueError as e:
         fail(str(e))
     if max_context is None and plan.context < folder.config.max_position_embeddings:
@@ -92,6 +93,7 @@ def load_for_cli(model: Optional[str], announce: Callable[[str], None], *, max_c
                  f"(`step35-mlx plan --model {path}` shows the options).")
     try:
         m, tok = load(path, folder_format=folder, mtp=keep_mtp, vision=vision)
+        n_streams = choose_streams(streams, load_streams(path), decode_step_bytes(m))
         use_two_streams(m, n_streams == 2)
         generation_config = read_generation_config(path, warn=announce)
     except (ValueError, OSError) as e:
