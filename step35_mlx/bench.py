@@ -178,14 +178,14 @@ def _weight_bytes(model: Any) -> int:
 def ours_engine(model: Any, settings: BenchSettings) -> Engine:
     """Our generators on ``model``: plain ``ar_tokens``, or MTP with ``settings.mtp`` drafts."""
     from .decode import ar_tokens, prefill
-    from .draft_config import load_draft_config
+    from .draft_config import stored_gate
     from .draft_vocab import default_draft_ids
     from .sampling import SamplingParams
     from .speculative import SpecStats, speculative_tokens
 
     greedy = SamplingParams(temperature=0.0)
     spec = SpecStats(settings.mtp) if settings.mtp else None
-    gate = load_draft_config(getattr(model, "source_path", None)).min_confidence  # as generation drafts
+    gate = stored_gate(model)  # as generation drafts
 
     def run(ctx: list[int], prompt: list[int]) -> Iterator[int]:
         cache = model.make_cache()

@@ -61,3 +61,12 @@ def load_draft_config(folder: str | Path | None) -> DraftConfig:
         return DraftConfig(**data)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError, ValueError) as e:
         raise ValueError(f"{path} is not a valid draft setting: {e}") from None
+
+
+def stored_gate(model: object) -> float:
+    """``min_confidence`` of ``model``'s folder (``draft.json``; 0 = no gate), read once per model, not per call."""
+    gate = getattr(model, "_draft_gate", None)
+    if gate is None:
+        gate = load_draft_config(getattr(model, "source_path", None)).min_confidence
+        model._draft_gate = gate
+    return gate

@@ -24,7 +24,7 @@ from mlx.utils import tree_flatten
 
 from .distributed.sync import root_tokens
 from .model import DEFAULT_SLACK, Model
-from .draft_config import load_draft_config
+from .draft_config import stored_gate
 from .draft_gate import confident, draft_confidence
 from .draft_vocab import default_draft_ids, slice_rows
 from .sampling import SamplingParams, probs, residual, sample, sample_token
@@ -399,4 +399,4 @@ class MTPDecoder:
                                   logits_processors=logits_processors, prefill_step=prefill_step,
                                   on_prefilled=on_prefilled, should_stop=should_stop, stats=self.stats,
                                   draft_vocab=default_draft_ids(model),
-                                  min_confidence=load_draft_config(getattr(model, "source_path", None)).min_confidence)
+                                  min_confidence=stored_gate(model))

@@ -16,7 +16,7 @@ import mlx.core as mx
 
 from .costs import RoutingRecorder, decode_cost, mtp_draft_bytes
 from .decode import ar_tokens
-from .draft_config import load_draft_config
+from .draft_config import stored_gate
 from .draft_vocab import default_draft_ids
 from .model import Model
 from .sampling import SamplingParams
@@ -84,9 +84,8 @@ def measure(model: Model, prompt: Sequence[int], n_tokens: int = 128, depths: Se
     """
     if depths is None:
         depths = [0] + list(range(1, min(3, model.num_mtp) + 1))
-    folder = getattr(model, "source_path", None)
     vocab = default_draft_ids(model)
-    gate = load_draft_config(folder).min_confidence
+    gate = stored_gate(model)
     runs: dict[int, list[TuneResult]] = {d: [] for d in depths}
     reference = None
     for r in range(repeats):
