@@ -206,7 +206,8 @@ def check_tool_names(tools: list[dict]) -> None:
         if name in seen:
             raise APIError(400, f"{where}: two tools are named {name!r}", param="tools")
         seen.add(name)
-        props = (fn.get("parameters") or {}).get("properties") if isinstance(fn.get("parameters"), dict) else None
+        params = fn.get("parameters")
+        props = params.get("properties") if isinstance(params, dict) else None
         for key in props if isinstance(props, dict) else ():
             if not key.strip() or _BAD_NAME.search(key):
                 raise APIError(400, f"{where}: parameter name {key!r} of tool {name!r} must be non-empty, without "
